@@ -1,0 +1,100 @@
+"""Exception types. Each names the file (``.path``) and, where one applies, the
+tensor (``.tensor``); its message says what was expected, what was found, and what
+to do. Each also subclasses the builtin that fits, so ``except ValueError`` works."""
+
+from __future__ import annotations
+
+import os
+
+
+class LazyStreamError(Exception):
+    """Base of every error lazystream raises on purpose."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, tensor: str | None = None):
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+        self.tensor = tensor
+
+
+# -- finding the checkpoint ---------------------------------------------------------
+
+
+class CheckpointNotFoundError(LazyStreamError, FileNotFoundError):
+    """The folder or Hugging Face repo does not exist, or holds no weights."""
+
+    # FileNotFoundError.__init__ would reinterpret the arguments as (errno, strerror).
+    __init__ = LazyStreamError.__init__
+    __str__ = Exception.__str__
+
+
+class UnsupportedFormatError(LazyStreamError, ValueError):
+    """The checkpoint has weights, but not in safetensors."""
+
+
+class MissingShardError(LazyStreamError, FileNotFoundError):
+    """An index names a shard file that is not there."""
+
+    __init__ = LazyStreamError.__init__
+    __str__ = Exception.__str__
+
+
+class InvalidIndexError(LazyStreamError, ValueError):
+    """A ``*.safetensors.index.json`` that is not the expected JSON."""
+
+
+class IndexMismatchError(LazyStreamError, ValueError):
+    """The index says a shard holds a tensor that the shard's header does not have."""
+
+
+# -- one shard's header -------------------------------------------------------------
+
+
+class HeaderError(LazyStreamError, ValueError):
+    """Base for a safetensors header that fails validation."""
+
+
+class TruncatedShardError(HeaderError):
+    """The file ends before its 8-byte length prefix or before its header ends."""
+
+
+class HeaderTooLargeError(HeaderError):
+    """The length prefix announces a header larger than the cap."""
+
+
+class HeaderNotJSONError(HeaderError):
+    """The header is not UTF-8 JSON, or not a JSON object."""
+
+
+class UnknownDtypeError(HeaderError):
+    """A tensor's dtype is not one torch can hold."""
+
+
+class InvalidShapeError(HeaderError):
+    """A tensor's shape is not a list of non-negative integers."""
+
+
+class InvalidOffsetsError(HeaderError):
+    """A tensor's ``data_offsets`` is not ``[begin, end]`` with ``0 <= begin <= end``."""
+
+
+class TensorSizeMismatchError(HeaderError):
+    """A tensor's byte range does not match its shape and dtype."""
+
+
+class OffsetOutOfRangeError(HeaderError):
+    """A tensor's bytes reach past the end of the file's data section."""
+
+
+class OverlappingTensorsError(HeaderError):
+    """Two tensors claim the same bytes."""
+
+
+# -- after opening ------------------------------------------------------------------
+
+
+class ShardChangedError(LazyStreamError, RuntimeError):
+    """A shard was truncated, rewritten, replaced or removed after it was mapped."""
+
+
+class ClosedError(LazyStreamError, RuntimeError):
+    """The object was closed; nothing can be read through it any more."""
