@@ -4,5 +4,21 @@ and streaming the rest straight from the safetensors shards."""
 from .checkpoint import Checkpoint
 from .errors import LazyStreamError
 from .header import TensorRecord
+from .io import IOConfig
+from .model import LazyStreamModel, attach, streamer_of
+from .plan import StreamPlan
+from .streamer import Streamer
+from .telemetry import Stats
 
-__all__ = ["Checkpoint", "LazyStreamError", "TensorRecord"]
+__all__ = [
+    "Checkpoint",
+    "IOConfig",
+    "LazyStreamError",
+    "LazyStreamModel",
+    "Stats",
+    "StreamPlan",
+    "Streamer",
+    "TensorRecord",
+    "attach",
+    "streamer_of",
+]

@@ -1,0 +1,182 @@
+"""What differs between transformers and diffusers: how the model class is named in
+the config, how its skeleton is built, which modules are its repeated blocks, and
+which dtype each loaded tensor gets. The streamer knows none of this."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointNotFoundError, LazyStreamError
+
+
+class UnknownModelClassError(LazyStreamError, ValueError):
+    """The config names a class that neither transformers nor diffusers has."""
+
+
+class BlocksNotFoundError(LazyStreamError, ValueError):
+    """``blocks=`` names no module list, or no repeated blocks can be found."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Library rules for one model class."""
+
+    library: str  # "transformers", "diffusers" or "torch"
+    keep_fp32: tuple[str, ...]  # module name patterns that stay float32 at the requested dtype
+
+    def target_dtype(self, name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the library's own loader gives the tensor ``name`` stored as ``stored``."""
+        if not stored.is_floating_point:
+            return stored
+        if self.library == "diffusers":
+            keep = any(p in name.split(".") for p in self.keep_fp32)
+        else:
+            keep = any(p in name for p in self.keep_fp32)
+        return torch.float32 if keep else dtype
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"{folder} has no config.json; lazystream builds the model from it (pass model_cls= and a "
+            "built model to lazystream.attach to load weights without one)",
+            path=path,
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def model_class(config: dict, path: Path) -> type[nn.Module]:
+    """The class a transformers (``architectures``) or diffusers (``_class_name``) config names."""
+    if "_class_name" in config:
+        import diffusers
+
+        name = config["_class_name"]
+        cls = getattr(diffusers, name, None)
+    else:
+        import transformers
+
+        names = config.get("architectures") or []
+        name = names[0] if names else None
+        cls = getattr(transformers, name, None) if name else None
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise UnknownModelClassError(
+            f"{path}: the config names model class {name!r}, which neither transformers nor diffusers "
+            "(as installed) provides; upgrade them, or pass model_cls=",
+            path=path,
+        )
+    return cls
+
+
+def family_of(model: nn.Module, dtype: torch.dtype) -> ModelFamily:
+    """The rules of the library ``model``'s class (or, for a user's subclass, its base) comes from."""
+    libraries = (base.__module__.split(".")[0] for base in type(model).__mro__)
+    library = next((lib for lib in libraries if lib in ("transformers", "diffusers")), "torch")
+    keep: list[str] = []
+    if library == "transformers":
+        if dtype == torch.float16:
+            keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        if dtype in (torch.float16, torch.bfloat16):
+            keep += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    elif library == "diffusers":
+        keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return ModelFamily(library, tuple(keep))
+
+
+def build_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:
+    """Build ``cls`` from ``config`` as its library would at ``dtype``, parameters on meta.
+
+    Buffers are created for real (on the CPU), so non-persistent ones such as rotary
+    ``inv_freq`` hold their computed values, as after the library's own loader.
+    """
+    with _parameters_on_meta(), _default_dtype(dtype):
+        if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # diffusers ConfigMixin
+            model = cls.from_config(config)
+        else:
+            import transformers
+
+            cfg_cls = transformers.AutoConfig.for_model(config["model_type"]).__class__
+            cfg = cfg_cls.from_dict(config)
+            model = cls._from_config(cfg, dtype=dtype) if hasattr(cls, "_from_config") else cls(cfg)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Register every new parameter on the meta device; buffers stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kwargs = {"requires_grad": param.requires_grad}
+            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def find_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[str]:
+    """Qualified names of the repeated blocks, in registration order.
+
+    ``blocks`` names module lists (each child a block) or single modules. Without it:
+    the classes in ``_repeated_blocks`` / ``_no_split_modules``, else the largest
+    ``nn.ModuleList`` whose children share one class.
+    """
+    modules = dict(model.named_modules())
+    if blocks is not None:
+        paths = [blocks] if isinstance(blocks, str) else list(blocks)
+        found: list[str] = []
+        for path in paths:
+            module = modules.get(path)
+            if module is None:
+                lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
+                raise BlocksNotFoundError(
+                    f"blocks={path!r} names no module of {type(model).__name__}; its module lists are {lists}"
+                )
+            if isinstance(module, (nn.ModuleList, nn.Sequential)):
+                found += [f"{path}.{child}" for child, _ in module.named_children()]
+            else:
+                found.append(path)
+        return found
+    class_names = set(getattr(model, "_repeated_blocks", None) or []) or set(getattr(model, "_no_split_modules", None) or [])
+    if class_names:
+        found = []
+        for name, module in modules.items():
+            if type(module).__name__ in class_names and not any(name.startswith(f + ".") for f in found):
+                found.append(name)
+        if found:
+            return found
+    best: list[str] = []
+    for name, module in modules.items():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1:
+                best = [f"{name}.{i}" for i in range(len(module))]
+    if not best:
+        raise BlocksNotFoundError(
+            f"{type(model).__name__} has no repeated blocks lazystream can find (no _no_split_modules, "
+            "no module list of like modules); pass blocks='path.to.module_list'"
+        )
+    return best

@@ -1,0 +1,168 @@
+"""Public entry points: build a model from a checkpoint, or attach to a built one."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .adapters import build_skeleton, family_of, find_blocks, model_class, read_config
+from .checkpoint import Checkpoint
+from .errors import LazyStreamError
+from .io import IOConfig
+from .plan import build_plan, check_args
+from .streamer import Streamer
+
+_ATTR = "_lazystream"
+
+
+class LazyStreamModel:
+    """Namespace of :meth:`from_pretrained`; the model it returns is of its own class."""
+
+    @staticmethod
+    def from_pretrained(
+        repo_or_path: str | os.PathLike,
+        keep_gpu: int,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        subfolder: str | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        model_cls: type[nn.Module] | None = None,
+        blocks: str | Sequence[str] | None = None,
+        placement: str = "spread",
+        prefetch: int = 2,
+        io: IOConfig | None = None,
+    ) -> nn.Module:
+        """Load a transformers or diffusers model with ``keep_gpu`` blocks resident on
+        the device and every other block streamed from the safetensors shards.
+
+        Args:
+            repo_or_path: a local folder or a Hugging Face repo id.
+            keep_gpu: blocks kept resident (int >= 0; more than the model has: all).
+            device: default CUDA when available, else CPU.
+            dtype: default the checkpoint's; otherwise cast as the library's own loader
+                would (keep-in-fp32 modules stay float32), on the device.
+            subfolder, variant, revision, cache_dir, local_files_only, token: as in
+                ``from_pretrained`` of transformers and diffusers.
+            model_cls: the class to build, e.g. a subclass; default the config's.
+            blocks: path(s) of the block lists; default found from the class.
+            placement: "first" (the first keep_gpu blocks resident) or "spread".
+            prefetch: device slots for streamed blocks (>= 1).
+            io: how bytes travel (threads, staging ring); see :class:`IOConfig`.
+
+        Returns:
+            An instance of the model's own class. ``lazystream.streamer_of(model)`` gives
+            its controller (plan, stats, load/unload, session, close).
+
+        Raises:
+            ValueError: bad keep_gpu, placement or prefetch (before anything is read).
+            LazyStreamError: the checkpoint cannot be found or is invalid; its subclasses
+                name the file and tensor.
+
+        Example:
+            >>> model = LazyStreamModel.from_pretrained("Qwen/Qwen3-8B", keep_gpu=20)
+            >>> out = model.generate(input_ids.cuda(), max_new_tokens=32)
+        """
+        check_args(keep_gpu, placement, prefetch)
+        ckpt = Checkpoint.open(repo_or_path, subfolder=subfolder, variant=variant, revision=revision,
+                               cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        try:
+            config = read_config(ckpt.folder)
+            cls = model_cls or model_class(config, ckpt.folder / "config.json")
+            dtype = dtype or checkpoint_dtype(ckpt)
+            model = build_skeleton(cls, config, dtype)
+            _attach(model, ckpt, keep_gpu, device=device, dtype=dtype, blocks=blocks, placement=placement,
+                    prefetch=prefetch, io=io, owns_checkpoint=True)
+        except BaseException:
+            ckpt.close()
+            raise
+        return model
+
+
+def attach(
+    model: nn.Module,
+    repo_or_path: str | os.PathLike | Checkpoint,
+    keep_gpu: int,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    blocks: str | Sequence[str] | None = None,
+    placement: str = "spread",
+    prefetch: int = 2,
+    io: IOConfig | None = None,
+    **resolve_kwargs,
+) -> nn.Module:
+    """Stream the weights of ``repo_or_path`` into an already built ``model`` (for
+    example built on the meta device, or a subclass). Its parameters found in the
+    checkpoint are dropped from host memory; the others (and buffers) stay resident.
+
+    Arguments as in :meth:`LazyStreamModel.from_pretrained`; ``resolve_kwargs`` are
+    subfolder, variant, revision, cache_dir, token, local_files_only.
+
+    Returns:
+        ``model`` itself.
+    """
+    check_args(keep_gpu, placement, prefetch)
+    owns = not isinstance(repo_or_path, Checkpoint)
+    ckpt = Checkpoint.open(repo_or_path, **resolve_kwargs) if owns else repo_or_path
+    try:
+        _attach(model, ckpt, keep_gpu, device=device, dtype=dtype or checkpoint_dtype(ckpt), blocks=blocks,
+                placement=placement, prefetch=prefetch, io=io, owns_checkpoint=owns)
+    except BaseException:
+        if owns:
+            ckpt.close()
+        raise
+    return model
+
+
+def streamer_of(model: nn.Module) -> Streamer:
+    """The :class:`Streamer` controlling a model loaded by lazystream."""
+    streamer = getattr(model, _ATTR, None)
+    if streamer is None:
+        raise ValueError(f"this {type(model).__name__} was not loaded by lazystream")
+    return streamer
+
+
+def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's bytes (float32 if none)."""
+    sizes: Counter[torch.dtype] = Counter()
+    for rec in ckpt.values():
+        if rec.dtype.is_floating_point:
+            sizes[rec.dtype] += rec.nbytes
+    return sizes.most_common(1)[0][0] if sizes else torch.float32
+
+
+def _attach(model, ckpt, keep_gpu, *, device, dtype, blocks, placement, prefetch, io, owns_checkpoint) -> None:
+    _refuse_other_offloaders(model)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    plan = build_plan(model, ckpt, find_blocks(model, blocks), keep_gpu=keep_gpu, placement=placement,
+                      prefetch=prefetch, dtype=dtype, family=family_of(model, dtype), device=device)
+    streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint)
+    try:
+        streamer.load()
+    except BaseException:
+        streamer.close()
+        raise
+    object.__setattr__(model, _ATTR, streamer)
+
+
+def _refuse_other_offloaders(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if getattr(module, _ATTR, None) is not None:
+            raise LazyStreamError(f"module {name or type(model).__name__!r} is already streamed by lazystream")
+        for attr, owner in (("_hf_hook", "accelerate"), ("_diffusers_hook", "diffusers")):
+            if getattr(module, attr, None) is not None:
+                raise LazyStreamError(
+                    f"module {name or type(model).__name__!r} already carries {owner} offloading hooks ({attr}); "
+                    "lazystream would fight them over the weights: load the model without that offloading"
+                )

@@ -1,0 +1,290 @@
+"""The stream plan: plain, printable data saying which blocks stay resident, which are
+streamed, where each tensor lies in its buffer, and what device memory that costs."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import ModelFamily
+from .errors import LazyStreamError
+from .header import TensorRecord
+
+PLACEMENTS = ("first", "spread")
+
+# Offsets of tensors inside a buffer: a run of tensors adjacent in their file keeps its
+# file layout (so one copy moves it) as long as every tensor stays ALIGN-aligned;
+# otherwise the next tensor starts at a fresh RUN_ALIGN boundary.
+ALIGN = 16
+RUN_ALIGN = 256
+
+
+class MissingTensorsError(LazyStreamError, KeyError):
+    """The model has parameters that the checkpoint does not hold."""
+
+    __str__ = Exception.__str__
+
+
+class ShapeMismatchError(LazyStreamError, ValueError):
+    """A checkpoint tensor's shape differs from the model's parameter."""
+
+
+@dataclass(frozen=True)
+class TensorPlacement:
+    """One tensor: its name in the model, its bytes on disk, and where it goes.
+
+    ``offset`` is in the buffer that receives the stored bytes (a slot for a streamed
+    block, the resident arena otherwise); ``cast_offset``, where the target dtype differs
+    from the stored one, is in the buffer that holds the converted values.
+    """
+
+    name: str
+    record: TensorRecord
+    offset: int
+    dtype: torch.dtype
+    cast_offset: int | None = None
+
+    @property
+    def needs_cast(self) -> bool:
+        return self.dtype != self.record.dtype
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    index: int
+    path: str
+    resident: bool
+    tensors: tuple[TensorPlacement, ...]
+    nbytes: int  # stored bytes of its parameters
+    cast_bytes: int  # bytes of its converted tensors, when streamed
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which blocks are resident and what every byte of device memory is for."""
+
+    device: str
+    dtype: torch.dtype
+    keep_gpu: int
+    placement: str
+    prefetch: int
+    blocks: tuple[BlockPlan, ...]
+    resident_tensors: tuple[TensorPlacement, ...]  # non-block tensors and resident blocks'
+    resident_bytes: int  # the resident arena
+    kept_bytes: int  # buffers and checkpoint-less parameters, moved to the device as they are
+    checkpoint_buffers: tuple[str, ...]  # buffers whose values the checkpoint holds
+    slot_bytes: int
+    scratch_bytes: int  # converted tensors of the streamed block in use
+
+    @property
+    def streamed(self) -> tuple[BlockPlan, ...]:
+        return tuple(b for b in self.blocks if not b.resident)
+
+    @property
+    def slots(self) -> int:
+        return min(self.prefetch, len(self.streamed))
+
+    @property
+    def device_bytes(self) -> int:
+        return self.resident_bytes + self.kept_bytes + self.slots * self.slot_bytes + self.scratch_bytes
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes read per call when every streamed block runs once."""
+        return sum(b.nbytes for b in self.streamed)
+
+    def __str__(self) -> str:
+        mib = 2**20
+        n_res = sum(b.resident for b in self.blocks)
+        lines = [
+            f"StreamPlan on {self.device}, dtype {str(self.dtype).removeprefix('torch.')}, placement {self.placement!r}",
+            f"  blocks: {len(self.blocks)}, resident {n_res}, streamed {len(self.streamed)}"
+            + (" (keep_gpu >= blocks: all resident)" if self.keep_gpu >= len(self.blocks) else ""),
+            "  " + " ".join("R" if b.resident else "s" for b in self.blocks),
+            f"  device memory {self.device_bytes / mib:.1f} MiB = resident {self.resident_bytes / mib:.1f}"
+            f" + buffers {self.kept_bytes / mib:.1f} + {self.slots} slot(s) x {self.slot_bytes / mib:.1f}"
+            f" + cast scratch {self.scratch_bytes / mib:.1f}",
+            f"  streamed per call {self.streamed_bytes / mib:.1f} MiB",
+        ]
+        return "\n".join(lines)
+
+
+def choose_resident(n_blocks: int, keep_gpu: int, placement: str) -> set[int]:
+    """Indices of the blocks to keep resident."""
+    n = min(keep_gpu, n_blocks)
+    if placement == "first":
+        return set(range(n))
+    # "spread": evenly spaced, block 0 first, so each streamed block follows resident compute.
+    return {i * n_blocks // n for i in range(n)} if n else set()
+
+
+def check_args(keep_gpu: object, placement: object, prefetch: object) -> None:
+    if not isinstance(keep_gpu, int) or isinstance(keep_gpu, bool) or keep_gpu < 0:
+        raise ValueError(f"keep_gpu must be an int >= 0 (blocks kept on the device), got {keep_gpu!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
+        raise ValueError(f"prefetch must be an int >= 1 (device slots for streamed blocks), got {prefetch!r}")
+
+
+def build_plan(
+    model: nn.Module,
+    records: Mapping[str, TensorRecord],
+    block_paths: Sequence[str],
+    *,
+    keep_gpu: int,
+    placement: str,
+    prefetch: int,
+    dtype: torch.dtype,
+    family: ModelFamily,
+    device: torch.device,
+) -> StreamPlan:
+    """Match the model's tensors to checkpoint records and lay out every buffer.
+
+    Raises:
+        MissingTensorsError: model parameters on the meta device that no shard holds.
+        ShapeMismatchError: a record whose shape is not its parameter's.
+    """
+    check_args(keep_gpu, placement, prefetch)
+    owners, buffer_names, kept_bytes = _tensor_owners(model, records, block_paths)
+    resident_idx = choose_resident(len(block_paths), keep_gpu, placement)
+
+    def placements(names: list[str], cast: bool) -> tuple[list[TensorPlacement], int, int]:
+        recs = sorted((records[n] for n in names), key=lambda r: (str(r.file), r.offset))
+        targets = {r.name: family.target_dtype(r.name, r.dtype, dtype) for r in recs}
+        offsets, size = _layout(recs)
+        cast_recs = [r for r in recs if targets[r.name] != r.dtype] if cast else []
+        cast_sizes = [r.nbytes // r.dtype.itemsize * targets[r.name].itemsize for r in cast_recs]
+        cast_offsets, cast_size = _layout_sizes(cast_sizes)
+        cast_at = {r.name: o for r, o in zip(cast_recs, cast_offsets)}
+        out = [TensorPlacement(r.name, r, o, targets[r.name], cast_at.get(r.name)) for r, o in zip(recs, offsets)]
+        return out, size, cast_size
+
+    blocks = []
+    resident_names = list(owners.get(None, []))
+    for i, path in enumerate(block_paths):
+        names = owners.get(path, [])
+        resident = i in resident_idx
+        if resident:
+            resident_names += names
+        tensors, _, cast_size = placements(names, cast=not resident)
+        nbytes = sum(records[n].nbytes for n in names)
+        blocks.append(BlockPlan(i, path, resident, tuple(tensors), nbytes, 0 if resident else cast_size))
+
+    # The resident arena holds final values: lay it out in target-dtype sizes.
+    res_recs = sorted((records[n] for n in resident_names), key=lambda r: (str(r.file), r.offset))
+    res_targets = [family.target_dtype(r.name, r.dtype, dtype) for r in res_recs]
+    if any(t != r.dtype for t, r in zip(res_targets, res_recs)):
+        sizes = [r.nbytes // r.dtype.itemsize * t.itemsize for r, t in zip(res_recs, res_targets)]
+        res_offsets, res_size = _layout_sizes(sizes)
+    else:
+        res_offsets, res_size = _layout(res_recs)
+    resident = tuple(TensorPlacement(r.name, r, o, t) for r, o, t in zip(res_recs, res_offsets, res_targets))
+
+    streamed = [b for b in blocks if not b.resident]
+    return StreamPlan(
+        device=str(device),
+        dtype=dtype,
+        keep_gpu=keep_gpu,
+        placement=placement,
+        prefetch=prefetch,
+        blocks=tuple(blocks),
+        resident_tensors=resident,
+        resident_bytes=res_size,
+        kept_bytes=kept_bytes,
+        checkpoint_buffers=tuple(buffer_names),
+        slot_bytes=max((_layout([t.record for t in b.tensors])[1] for b in streamed), default=0),
+        scratch_bytes=max((b.cast_bytes for b in streamed), default=0),
+    )
+
+
+def _tensor_owners(
+    model: nn.Module, records: Mapping[str, TensorRecord], block_paths: Sequence[str]
+) -> tuple[dict[str | None, list[str]], list[str], int]:
+    """Checkpoint names of parameters grouped by the block that owns them (None: outside
+    every block); checkpoint names of buffers (always resident, loaded in place); and the
+    bytes of the tensors moved to the device as they are (buffers, parameters the
+    checkpoint lacks such as adapters added later).
+
+    A tensor shared under several names (tied weights) is loaded once, under the name the
+    checkpoint has; it belongs to a block only if every one of its names is inside it.
+    """
+    aliases: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        aliases.setdefault(id(t), []).append(name)
+        tensors[id(t)] = t
+    owners: dict[str | None, list[str]] = {}
+    missing, used, buffers, kept_bytes = [], set(), [], 0
+    for key, names in aliases.items():
+        t = tensors[key]
+        stored = next((n for n in names if n in records), None)
+        if not isinstance(t, nn.Parameter) or stored is None:
+            kept_bytes += t.nbytes  # moved to the device as it is
+        if stored is None:
+            if t.device.type == "meta":
+                missing.append(names[0])
+            continue
+        used.update(names)
+        rec = records[stored]
+        if tuple(t.shape) != rec.shape:
+            raise ShapeMismatchError(
+                f"{rec.file}: tensor {stored!r} has shape {list(rec.shape)}, but the model's "
+                f"{type(model).__name__} expects {list(t.shape)}; the config and weights do not match",
+                path=rec.file,
+                tensor=stored,
+            )
+        if isinstance(t, nn.Parameter):
+            owners.setdefault(_owning_block(names, block_paths), []).append(stored)
+        else:
+            buffers.append(stored)
+    if missing:
+        raise MissingTensorsError(
+            f"{len(missing)} parameter(s) of {type(model).__name__} are in no shard: {missing[:10]}"
+            + (" ..." if len(missing) > 10 else "")
+            + "; the checkpoint is incomplete or for another model",
+            tensor=missing[0],
+        )
+    unexpected = sorted(set(records) - used)
+    if unexpected:
+        warnings.warn(
+            f"{len(unexpected)} checkpoint tensor(s) are not used by {type(model).__name__}: {unexpected[:10]}",
+            stacklevel=3,
+        )
+    return owners, buffers, kept_bytes
+
+
+def _owning_block(names: list[str], block_paths: Sequence[str]) -> str | None:
+    for path in block_paths:
+        if all(n.startswith(path + ".") for n in names):
+            return path
+    return None
+
+
+def _layout(records: Sequence[TensorRecord]) -> tuple[list[int], int]:
+    """Offsets for ``records`` (in file order) that keep file-adjacent runs contiguous."""
+    offsets, end, prev = [], 0, None
+    for rec in records:
+        contiguous = prev is not None and prev.file == rec.file and prev.offset + prev.nbytes == rec.offset
+        if not (contiguous and end % ALIGN == 0):
+            end = _round_up(end, RUN_ALIGN)
+        offsets.append(end)
+        end += rec.nbytes
+        prev = rec
+    return offsets, _round_up(end, RUN_ALIGN)
+
+
+def _layout_sizes(sizes: Sequence[int]) -> tuple[list[int], int]:
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end = _round_up(end + size, RUN_ALIGN)
+    return offsets, end
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k

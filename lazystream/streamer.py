@@ -1,0 +1,462 @@
+"""The streaming controller of one model: the resident arena, the slots, the hooks that
+bind a streamed block's parameters to its slot around its forward, and prefetching in
+the learned execution order."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, coalesce
+from .devices import device_ops
+from .errors import ClosedError
+from .io import IOConfig, Loader, Ticket
+from .plan import BlockPlan, StreamPlan, TensorPlacement, _layout
+from .telemetry import CallStats, Stats
+
+# Resident tensors that need a dtype conversion are loaded through a temporary buffer
+# of at most this many bytes (or one tensor, if larger), then converted on the device.
+CAST_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class _Slot:
+    index: int
+    buffer: torch.Tensor
+    block: int | None = None  # block whose bytes are in the slot (or on their way)
+    ticket: Ticket | None = None
+    users: int = 0  # forwards of that block running now
+    prefetched: bool = False
+    free_after: object = None  # device marker: the last compute that read the slot
+
+
+class Streamer:
+    """Controls one streamed model. Get it with :func:`lazystream.streamer_of`.
+
+    ``plan`` says what is resident and streamed; ``load()``/``unload()`` fill or free
+    every byte of device memory the model holds; ``session()`` spans a loop of calls;
+    ``stats()`` reports what streaming cost; ``close()`` releases everything.
+    """
+
+    def __init__(self, model: nn.Module, ckpt: Checkpoint, plan: StreamPlan, io: IOConfig, *, owns_checkpoint: bool):
+        self.model = model
+        self.ckpt = ckpt
+        self.plan = plan
+        self.device = torch.device(plan.device)
+        self.ops = device_ops(self.device)
+        self.loader = Loader(ckpt, self.ops, io)
+        self._finalizer = weakref.finalize(self, _release, self.loader, ckpt if owns_checkpoint else None)
+
+        self._aliases = _aliases(model)
+        self._meta: dict[str, nn.Parameter] = {}
+        for name in [t.name for t in plan.resident_tensors] + [t.name for b in plan.streamed for t in b.tensors]:
+            self._meta[name] = _to_meta(self._param(name))
+        self._set_params({name: p for name, p in self._meta.items()})
+        self._home = _kept_tensors(model, set(self._meta))
+        self._runs = {b.index: coalesce((t.record, t.offset) for t in b.tensors) for b in plan.streamed}
+
+        self._order = [b.index for b in plan.streamed]  # guessed; learned on the first call
+        self._learned = False
+        self._observed: list[int] = []
+        self._cursor = 0  # position in _order of the next block to prefetch
+        self._wrapped = False
+        self._in_session = False
+
+        self._arena: torch.Tensor | None = None
+        self._scratch: torch.Tensor | None = None
+        self._slots: list[_Slot] = []
+        self._bound: dict[int, _Slot] = {}
+        self._views: dict[tuple[int, int], tuple[dict[str, nn.Parameter], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._loaded = False
+        self._closed = False
+
+        self._lock = threading.RLock()
+        self._owner: int | None = None
+        self._depth = 0
+        self._call: CallStats | None = None
+        self._call_start = 0.0
+        self._last = CallStats()
+        self._total = CallStats()
+        self._calls = 0
+        self._handles = [
+            model.register_forward_pre_hook(self._pre_call),
+            model.register_forward_hook(self._post_call, always_call=True),
+        ]
+        modules = dict(model.named_modules())
+        for block in plan.streamed:
+            module = modules[block.path]
+            self._handles.append(module.register_forward_pre_hook(_bind_index(self._pre_block, block.index)))
+            self._handles.append(module.register_forward_hook(_bind_index(self._post_block, block.index), always_call=True))
+
+    # -- public -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Fill the resident set and allocate the slots (done at load; again after unload)."""
+        with self._lock:
+            self._check_open()
+            if self._loaded:
+                return
+            try:
+                self._load()
+            except BaseException:
+                self._free()
+                raise
+            self._loaded = True
+
+    def unload(self) -> None:
+        """Give back every byte of device memory the model holds; the next call loads again."""
+        with self._lock:
+            if self._depth:
+                raise RuntimeError("unload() was called from inside a forward of the model it unloads")
+            self._free()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Streamer]:
+        """Span a loop of calls (denoising steps, tokens): the end of each call prefetches
+        the first streamed blocks of the next."""
+        self._check_open()
+        self._in_session = True
+        try:
+            yield self
+        finally:
+            self._in_session = False
+            self._wrapped = False
+
+    def stats(self) -> Stats:
+        """Per-call and total counters, and the memory in use now."""
+        return Stats(
+            calls=self._calls,
+            last_call=self._last.copy(),
+            total=self._total.copy(),
+            resident_bytes=0 if self._arena is None else self._arena.numel(),
+            kept_bytes=self.plan.kept_bytes if self._loaded else 0,
+            slot_bytes=sum(s.buffer.numel() for s in self._slots),
+            scratch_bytes=0 if self._scratch is None else self._scratch.numel(),
+            staging_bytes=self.loader.staging_bytes,
+            bytes_read=self.loader.bytes_read,
+        )
+
+    def close(self) -> None:
+        """Unload, stop the worker, unmap the shards. Later calls raise ClosedError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._free()
+            self._closed = True
+            self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- loading ------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        plan, ops = self.plan, self.ops
+        self._arena = ops.empty(plan.resident_bytes)
+        direct = [t for t in plan.resident_tensors if not t.needs_cast]
+        ticket = self.loader.submit(coalesce((t.record, t.offset) for t in direct), self._arena)
+        for chunk in _cast_chunks([t for t in plan.resident_tensors if t.needs_cast]):
+            offsets, size = _layout([t.record for t in chunk])
+            raw = ops.empty(size)
+            chunk_ticket = self.loader.submit(coalesce((t.record, o) for t, o in zip(chunk, offsets)), raw)
+            chunk_ticket.wait()
+            ops.compute_waits_for(chunk_ticket.ready)
+            for t, o in zip(chunk, offsets):
+                _view(self._arena, t.offset, t.dtype, t.record.shape).copy_(_view(raw, o, t.record.dtype, t.record.shape))
+        ticket.wait()
+        ops.compute_waits_for(ticket.ready)
+        self._set_params({
+            t.name: nn.Parameter(_view(self._arena, t.offset, t.dtype, t.record.shape), self._meta[t.name].requires_grad)
+            for t in plan.resident_tensors
+        })
+        stored = set(self.plan.checkpoint_buffers)
+        moved: dict[int, torch.Tensor] = {}  # keeps a tensor shared by two modules shared
+        for (module, leaf), (name, home) in self._home.items():
+            value = moved.get(id(home))
+            if value is None:
+                if name in stored:
+                    value = self.ckpt.tensor(name).to(self.device, dtype=home.dtype, copy=True)
+                else:
+                    value = home.to(self.device, copy=True)
+                if isinstance(home, nn.Parameter):
+                    value = nn.Parameter(value, home.requires_grad)
+                moved[id(home)] = value
+            _registry(module, home)[leaf] = value
+        self._slots = [_Slot(i, ops.empty(plan.slot_bytes)) for i in range(plan.slots)]
+        self._scratch = ops.empty(plan.scratch_bytes) if plan.scratch_bytes else None
+
+    def _free(self) -> None:
+        self.loader.drain()  # no copy may still be writing into a buffer dropped below
+        if not self._loaded and self._arena is None:
+            return
+        self._set_params(self._meta)
+        for (module, leaf), (_, home) in self._home.items():
+            _registry(module, home)[leaf] = home
+        self._arena = self._scratch = None
+        self._slots, self._bound, self._views = [], {}, {}
+        self._cursor, self._wrapped = 0, False
+        self._loaded = False
+
+    # -- hooks --------------------------------------------------------------------------
+    # Hook bodies are excluded from torch.compile graphs: they move bytes and swap
+    # parameters, which a graph must not capture.
+
+    @torch.compiler.disable
+    def _pre_call(self, module: nn.Module, args: tuple) -> None:
+        self._check_open()
+        self._lock.acquire()  # one call at a time: two threads must never mix weights
+        try:
+            self._owner = threading.get_ident()
+            self._depth += 1
+            if self._depth == 1:
+                self.load()
+                self._call, self._call_start = CallStats(), time.perf_counter()
+                self._observed = []
+                if not self._wrapped:
+                    self._cursor = 0
+                self._wrapped = False
+                self._prefetch()
+        except BaseException:
+            self._depth -= 1
+            self._lock.release()
+            raise
+
+    @torch.compiler.disable
+    def _post_call(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._depth == 0 or self._owner != threading.get_ident():
+            return  # _pre_call failed before it took the lock
+        try:
+            if self._depth == 1:
+                self._end_call()
+        finally:
+            self._depth -= 1
+            self._lock.release()
+
+    def _end_call(self) -> None:
+        call, self._call = self._call, None
+        call.seconds = time.perf_counter() - self._call_start
+        self._last = call
+        self._total.add(call)
+        self._calls += 1
+        if not self._learned and self._observed:
+            seen = list(dict.fromkeys(self._observed))
+            self._order = seen + [i for i in self._order if i not in seen]
+            self._learned = True
+        if self._in_session and self._loaded:
+            self._cursor, self._wrapped = 0, True
+            self._prefetch()
+
+    @torch.compiler.disable
+    def _pre_block(self, index: int, module: nn.Module, args: tuple) -> None:
+        self._check_open()
+        self.load()
+        slot = self._bound.get(index)
+        if slot is not None:  # the block calls itself, or runs twice in one forward
+            slot.users += 1
+            return
+        slot = next((s for s in self._slots if s.block == index), None)
+        stalled = slot is None
+        if slot is None:
+            slot = self._take_slot()
+            self._submit(slot, index, prefetched=False)
+        try:
+            waited = slot.ticket.wait()
+        except BaseException:
+            slot.block, slot.ticket = None, None
+            raise
+        self.ops.compute_waits_for(slot.ticket.ready)
+        self._bind(index, slot)
+        slot.users = 1
+        self._bound[index] = slot
+        if index in self._order:
+            self._cursor = max(self._cursor, self._order.index(index) + 1)
+        if not self._learned:
+            self._observed.append(index)
+        call = self._call if self._call is not None else CallStats()
+        call.bytes_streamed += self.plan.blocks[index].nbytes
+        call.blocks_streamed += 1
+        call.stalls += stalled
+        call.stall_seconds += waited
+        call.copy_seconds += slot.ticket.seconds
+        self._prefetch()
+
+    @torch.compiler.disable
+    def _post_block(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
+        slot = self._bound.get(index)
+        if slot is None:
+            return  # _pre_block failed
+        slot.users -= 1
+        if slot.users:
+            return
+        self._set_params({t.name: self._meta[t.name] for t in self.plan.blocks[index].tensors})
+        del self._bound[index]
+        slot.block, slot.ticket = None, None
+        slot.free_after = self.ops.compute_done()
+        if torch.is_grad_enabled():
+            _refuse_backward(output, self.plan.blocks[index].path)
+        self._prefetch()
+
+    # -- slots --------------------------------------------------------------------------
+
+    def _prefetch(self) -> None:
+        """Fill free slots with the next streamed blocks in execution order."""
+        while self._cursor < len(self._order):
+            index = self._order[self._cursor]
+            if index not in self._bound and all(s.block != index for s in self._slots):
+                slot = next((s for s in self._slots if s.block is None), None)
+                if slot is None:
+                    return
+                self._submit(slot, index, prefetched=True)
+            self._cursor += 1
+
+    def _take_slot(self) -> _Slot:
+        """A slot for a block that was not prefetched: a free one, else one whose
+        prefetched block is not in use (its copy finishes first: jobs run in order)."""
+        for slot in self._slots:
+            if slot.block is None:
+                return slot
+        for slot in self._slots:
+            if slot.users == 0:
+                return slot
+        raise RuntimeError(
+            f"all {len(self._slots)} slots hold blocks that are running; blocks nest deeper than prefetch="
+            f"{self.plan.prefetch} allows: raise prefetch"
+        )
+
+    def _submit(self, slot: _Slot, index: int, *, prefetched: bool) -> None:
+        slot.block, slot.prefetched = index, prefetched
+        slot.ticket = self.loader.submit(self._runs[index], slot.buffer, after=slot.free_after)
+
+    def _bind(self, index: int, slot: _Slot) -> None:
+        key = (slot.index, index)
+        if key not in self._views:
+            self._views[key] = self._make_views(self.plan.blocks[index], slot.buffer)
+        params, casts = self._views[key]
+        for target, raw in casts:
+            target.copy_(raw)  # on the compute stream, after the bytes landed
+        self._set_params(params)
+
+    def _make_views(self, block: BlockPlan, buffer: torch.Tensor):
+        params, casts = {}, []
+        for t in block.tensors:
+            raw = _view(buffer, t.offset, t.record.dtype, t.record.shape)
+            if t.needs_cast:
+                target = _view(self._scratch, t.cast_offset, t.dtype, t.record.shape)
+                casts.append((target, raw))
+                raw = target
+            params[t.name] = nn.Parameter(raw, self._meta[t.name].requires_grad)
+        return params, casts
+
+    # -- parameters ---------------------------------------------------------------------
+
+    def _param(self, name: str) -> nn.Parameter:
+        module, leaf = self._aliases[name][0]
+        return module._parameters[leaf]
+
+    def _set_params(self, params: dict[str, nn.Parameter]) -> None:
+        for name, param in params.items():
+            for module, leaf in self._aliases[name]:
+                module._parameters[leaf] = param
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(
+                f"this {type(self.model).__name__} was closed (streamer_of(model).close()); load it again with "
+                "LazyStreamModel.from_pretrained",
+                path=self.ckpt.folder,
+            )
+
+
+def _release(loader: Loader, ckpt: Checkpoint | None) -> None:
+    """Finalizer: also runs when the model is garbage-collected without close()."""
+    loader.close()
+    if ckpt is not None:
+        ckpt.close()
+
+
+def _bind_index(hook, index: int):
+    def bound(*args):
+        return hook(index, *args)
+
+    return bound
+
+
+def _aliases(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Every (module, attribute) under which each parameter is registered, keyed by each
+    of its qualified names (tied weights have several)."""
+    by_id: dict[int, list[tuple[nn.Module, str]]] = {}
+    names: dict[int, list[str]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                by_id.setdefault(id(param), []).append((module, leaf))
+                names.setdefault(id(param), []).append(f"{prefix}.{leaf}" if prefix else leaf)
+    return {name: list(dict.fromkeys(by_id[key])) for key, ns in names.items() for name in ns}
+
+
+def _kept_tensors(model: nn.Module, loaded: set[str]) -> dict[tuple[nn.Module, str], tuple[str, torch.Tensor]]:
+    """Buffers and parameters not loaded from slots or the arena: moved as they are."""
+    kept = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for registry in (module._parameters, module._buffers):
+            for leaf, t in registry.items():
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                if t is not None and name not in loaded and not (isinstance(t, nn.Parameter) and t.device.type == "meta"):
+                    kept[(module, leaf)] = (name, t)
+    return kept
+
+
+def _registry(module: nn.Module, tensor: torch.Tensor) -> dict:
+    return module._parameters if isinstance(tensor, nn.Parameter) else module._buffers
+
+
+def _to_meta(param: nn.Parameter) -> nn.Parameter:
+    if param.device.type == "meta":
+        return param
+    return nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+
+
+def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    return buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def _cast_chunks(tensors: list[TensorPlacement]) -> Iterator[list[TensorPlacement]]:
+    chunk, size = [], 0
+    for t in tensors:
+        if chunk and size + t.record.nbytes > CAST_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(t)
+        size += t.record.nbytes
+    if chunk:
+        yield chunk
+
+
+def _refuse_backward(output: object, path: str) -> None:
+    def refuse(grad: torch.Tensor) -> None:
+        raise RuntimeError(
+            f"backward through streamed block {path!r}: its weights live in a reused buffer, so autograd "
+            "cannot keep them. Run inference under torch.no_grad() or torch.inference_mode(), or keep this "
+            "block resident (raise keep_gpu)"
+        )
+
+    if isinstance(output, torch.Tensor):
+        if output.requires_grad:
+            output.register_hook(refuse)
+    elif isinstance(output, (tuple, list)):
+        for item in output:
+            _refuse_backward(item, path)
+    elif isinstance(output, dict):
+        for item in output.values():
+            _refuse_backward(item, path)

@@ -1,0 +1,60 @@
+"""Counters of what streaming cost: bytes, blocks, stalls, copy time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass
+class CallStats:
+    """What one call (or, summed, every call) of the model streamed and waited for."""
+
+    bytes_streamed: int = 0  # bytes of the streamed blocks bound during the call
+    blocks_streamed: int = 0
+    stalls: int = 0  # blocks that had not been prefetched and were loaded on demand
+    stall_seconds: float = 0.0  # host time a block's forward waited for its bytes
+    copy_seconds: float = 0.0  # worker time spent copying those blocks' bytes
+    seconds: float = 0.0  # wall time of the call
+
+    @property
+    def gb_per_s(self) -> float:
+        """Achieved copy bandwidth (GB/s, 1e9 bytes) of the streamed bytes."""
+        return self.bytes_streamed / self.copy_seconds / 1e9 if self.copy_seconds else 0.0
+
+    def add(self, other: CallStats) -> None:
+        for name in ("bytes_streamed", "blocks_streamed", "stalls", "stall_seconds", "copy_seconds", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def copy(self) -> CallStats:
+        return replace(self)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot from ``streamer_of(model).stats()``."""
+
+    calls: int
+    last_call: CallStats
+    total: CallStats
+    resident_bytes: int  # arena of non-block tensors and resident blocks
+    kept_bytes: int  # buffers and checkpoint-less parameters
+    slot_bytes: int  # all slots together
+    scratch_bytes: int
+    staging_bytes: int  # pinned (CUDA) or plain host staging ring
+    bytes_read: int  # every byte the loader copied, resident set and wasted prefetches included
+
+    @property
+    def device_bytes(self) -> int:
+        return self.resident_bytes + self.kept_bytes + self.slot_bytes + self.scratch_bytes
+
+    def __str__(self) -> str:
+        mib, t, c = 2**20, self.total, self.last_call
+        return "\n".join([
+            f"calls {self.calls}; last call: {c.bytes_streamed / mib:.1f} MiB in {c.blocks_streamed} blocks, "
+            f"{c.stalls} stalls ({c.stall_seconds * 1e3:.1f} ms), copy {c.gb_per_s:.2f} GB/s, {c.seconds * 1e3:.1f} ms",
+            f"total: {t.bytes_streamed / mib:.1f} MiB streamed, {t.stalls} stalls ({t.stall_seconds:.3f} s), "
+            f"copy {t.gb_per_s:.2f} GB/s",
+            f"device {self.device_bytes / mib:.1f} MiB = resident {self.resident_bytes / mib:.1f} + buffers "
+            f"{self.kept_bytes / mib:.1f} + slots {self.slot_bytes / mib:.1f} + scratch {self.scratch_bytes / mib:.1f}; "
+            f"host staging {self.staging_bytes / mib:.1f} MiB",
+        ])
