@@ -5,7 +5,6 @@ which dtype each loaded tensor gets. The streamer knows none of this."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +41,14 @@ class ModelFamily:
         return torch.float32 if keep else dtype
 
 
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
+def require_config(config: dict | None, folder: Path) -> dict:
+    if config is None:
         raise CheckpointNotFoundError(
-            f"{folder} has no config.json; lazystream builds the model from it (pass model_cls= and a "
-            "built model to lazystream.attach to load weights without one)",
-            path=path,
+            f"{folder} has no config.json; lazystream builds the model from it (build the model yourself "
+            "and use lazystream.attach to stream weights without one)",
+            path=folder / "config.json",
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return config
 
 
 def model_class(config: dict, path: Path) -> type[nn.Module]:

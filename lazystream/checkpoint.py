@@ -15,6 +15,8 @@ import torch
 from .errors import (
     ClosedError,
     IndexMismatchError,
+    InvalidConfigError,
+    LazyStreamError,
     InvalidIndexError,
     MissingShardError,
     ShardChangedError,
@@ -23,12 +25,23 @@ from .header import ShardHeader, TensorRecord, read_header
 from .resolve import WeightFiles, resolve
 
 
+def _read_json(path: Path, what: str, error: type[LazyStreamError]) -> object:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"{path}: expected a JSON {what}, found text that does not parse: {str(exc)[:200]}", path=path) from None
+
+
+def read_config(path: Path) -> dict:
+    obj = _read_json(path, "config", InvalidConfigError)
+    if not isinstance(obj, dict):
+        raise InvalidConfigError(f"{path}: expected a JSON object, found a JSON {type(obj).__name__}", path=path)
+    return obj
+
+
 def read_index(path: Path) -> dict[str, str]:
     """The ``weight_map`` (tensor name → shard file name) of a safetensors index."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidIndexError(f"{path}: expected a JSON index, found text that does not parse: {exc}", path=path) from None
+    obj = _read_json(path, "index", InvalidIndexError)
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InvalidIndexError(
@@ -103,8 +116,10 @@ class Shard:
         st = os.fstat(self._file.fileno())
         dev, ino, size, mtime = self._identity
         found = None
-        if st.st_size != size or st.st_mtime_ns != mtime:
-            found = f"it now has {st.st_size} bytes (was {size}) and a new modification time"
+        if st.st_size != size:
+            found = f"it now has {st.st_size} bytes (was {size})"
+        elif st.st_mtime_ns != mtime:
+            found = "it was rewritten in place (new modification time)"
         else:
             try:
                 now = os.stat(self.path)
@@ -139,6 +154,7 @@ class Checkpoint(Mapping[str, TensorRecord]):
     def __init__(self, files: WeightFiles):
         self.files = files
         self.folder = files.folder
+        self.config: dict | None = read_config(files.config) if files.config else None
         headers = self._read_headers(files)
         self._records: dict[str, TensorRecord] = {}
         if files.index is None:
@@ -152,7 +168,6 @@ class Checkpoint(Mapping[str, TensorRecord]):
         except BaseException:
             self.close()
             raise
-        self.config: dict | None = json.loads(files.config.read_text()) if files.config else None
 
     @classmethod
     def open(
@@ -257,7 +272,10 @@ class Checkpoint(Mapping[str, TensorRecord]):
         ``dest`` is a 1-D uint8 CPU tensor (pinned or not). Records adjacent in both their
         file and ``dest`` are copied as one run.
         """
+        self._live_shards()
         runs = coalesce(items)
+        if any(r.dest_offset < 0 for r in runs):
+            raise ValueError(f"destination offsets must be >= 0, found {min(r.dest_offset for r in runs)}")
         if runs and (dest.dtype != torch.uint8 or dest.dim() != 1 or dest.device.type != "cpu"):
             raise ValueError(f"dest must be a 1-D uint8 CPU tensor, found {dest.dtype} {tuple(dest.shape)} on {dest.device}")
         end = max((r.dest_offset + r.nbytes for r in runs), default=0)

@@ -38,6 +38,10 @@ class MissingShardError(LazyStreamError, FileNotFoundError):
     __str__ = Exception.__str__
 
 
+class InvalidConfigError(LazyStreamError, ValueError):
+    """A ``config.json`` that is not a JSON object."""
+
+
 class InvalidIndexError(LazyStreamError, ValueError):
     """A ``*.safetensors.index.json`` that is not the expected JSON."""
 

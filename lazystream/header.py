@@ -155,6 +155,12 @@ def _record(name: str, entry: object, path: Path, data_start: int, data_len: int
             path=path,
             tensor=name,
         )
+    if math.prod(max(d, 1) for d in shape) >= 2**63:
+        raise InvalidShapeError(
+            f"{path}: tensor {name!r}: expected shape dimensions whose product fits in 64 bits, found {shape!r:.200}",
+            path=path,
+            tensor=name,
+        )
     offsets = entry.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .adapters import build_skeleton, family_of, find_blocks, model_class, read_config
+from .adapters import build_skeleton, family_of, find_blocks, model_class, require_config
 from .checkpoint import Checkpoint
 from .errors import LazyStreamError
 from .io import IOConfig
@@ -75,7 +75,7 @@ class LazyStreamModel:
         ckpt = Checkpoint.open(repo_or_path, subfolder=subfolder, variant=variant, revision=revision,
                                cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         try:
-            config = read_config(ckpt.folder)
+            config = require_config(ckpt.config, ckpt.folder)
             cls = model_cls or model_class(config, ckpt.folder / "config.json")
             dtype = dtype or checkpoint_dtype(ckpt)
             model = build_skeleton(cls, config, dtype)

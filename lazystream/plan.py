@@ -21,6 +21,9 @@ PLACEMENTS = ("first", "spread")
 # otherwise the next tensor starts at a fresh RUN_ALIGN boundary.
 ALIGN = 16
 RUN_ALIGN = 256
+# Every buffer is sized in whole units of the CUDA caching allocator's granule, so the
+# plan's bytes are the bytes torch.cuda.memory_allocated() reports.
+GRANULE = 512
 
 
 class MissingTensorsError(LazyStreamError, KeyError):
@@ -224,7 +227,7 @@ def _tensor_owners(
         t = tensors[key]
         stored = next((n for n in names if n in records), None)
         if not isinstance(t, nn.Parameter) or stored is None:
-            kept_bytes += t.nbytes  # moved to the device as it is
+            kept_bytes += _round_up(t.nbytes, GRANULE)  # moved to the device as it is
         if stored is None:
             if t.device.type == "meta":
                 missing.append(names[0])
@@ -275,7 +278,7 @@ def _layout(records: Sequence[TensorRecord]) -> tuple[list[int], int]:
         offsets.append(end)
         end += rec.nbytes
         prev = rec
-    return offsets, _round_up(end, RUN_ALIGN)
+    return offsets, _round_up(end, GRANULE)
 
 
 def _layout_sizes(sizes: Sequence[int]) -> tuple[list[int], int]:
@@ -283,7 +286,7 @@ def _layout_sizes(sizes: Sequence[int]) -> tuple[list[int], int]:
     for size in sizes:
         offsets.append(end)
         end = _round_up(end + size, RUN_ALIGN)
-    return offsets, end
+    return offsets, _round_up(end, GRANULE)
 
 
 def _round_up(n: int, k: int) -> int:

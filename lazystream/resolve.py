@@ -108,7 +108,14 @@ def _resolve_hub(repo_id, subfolder, variant, revision, cache_dir, token, local_
     offline = _offline(local_files_only)
     try:
         if offline:
-            root = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+            try:
+                root = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+            except LocalEntryNotFoundError as exc:
+                # A snapshot lazystream fetched holds only the files it needs; the library
+                # calls that incomplete, but _select and the index check find what is missing.
+                if getattr(exc, "snapshot_path", None) is None:
+                    raise
+                root = Path(exc.snapshot_path)
             folder = root / prefix
             if not folder.is_dir():
                 raise CheckpointNotFoundError(f"{where} has no subfolder {subfolder!r} in the cache", path=folder)

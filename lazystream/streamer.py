@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, coalesce
 from .devices import device_ops
 from .errors import ClosedError
 from .io import IOConfig, Loader, Ticket
-from .plan import BlockPlan, StreamPlan, TensorPlacement, _layout
+from .plan import GRANULE, BlockPlan, StreamPlan, TensorPlacement, _layout, _round_up
 from .telemetry import CallStats, Stats
 
 # Resident tensors that need a dtype conversion are loaded through a temporary buffer
@@ -70,6 +70,7 @@ class Streamer:
         self._in_session = False
 
         self._arena: torch.Tensor | None = None
+        self._moved: list[torch.Tensor] = []  # buffers and checkpoint-less parameters on the device
         self._scratch: torch.Tensor | None = None
         self._slots: list[_Slot] = []
         self._bound: dict[int, _Slot] = {}
@@ -136,7 +137,7 @@ class Streamer:
             last_call=self._last.copy(),
             total=self._total.copy(),
             resident_bytes=0 if self._arena is None else self._arena.numel(),
-            kept_bytes=self.plan.kept_bytes if self._loaded else 0,
+            kept_bytes=sum(_round_up(t.nbytes, GRANULE) for t in self._moved),
             slot_bytes=sum(s.buffer.numel() for s in self._slots),
             scratch_bytes=0 if self._scratch is None else self._scratch.numel(),
             staging_bytes=self.loader.staging_bytes,
@@ -190,6 +191,7 @@ class Streamer:
                     value = nn.Parameter(value, home.requires_grad)
                 moved[id(home)] = value
             _registry(module, home)[leaf] = value
+        self._moved = list(moved.values())
         self._slots = [_Slot(i, ops.empty(plan.slot_bytes)) for i in range(plan.slots)]
         self._scratch = ops.empty(plan.scratch_bytes) if plan.scratch_bytes else None
 
@@ -201,7 +203,7 @@ class Streamer:
         for (module, leaf), (_, home) in self._home.items():
             _registry(module, home)[leaf] = home
         self._arena = self._scratch = None
-        self._slots, self._bound, self._views = [], {}, {}
+        self._slots, self._bound, self._views, self._moved = [], {}, {}, []
         self._cursor, self._wrapped = 0, False
         self._loaded = False
 

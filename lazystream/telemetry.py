@@ -58,3 +58,50 @@ class Stats:
             f"{self.kept_bytes / mib:.1f} + slots {self.slot_bytes / mib:.1f} + scratch {self.scratch_bytes / mib:.1f}; "
             f"host staging {self.staging_bytes / mib:.1f} MiB",
         ])
+
+
+def rss_anon() -> int:
+    """This process's resident anonymous memory in bytes (Linux; 0 elsewhere).
+
+    Pages of the mapped shards are file-backed and not counted: this is the memory a copy
+    of the model would take.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRssAnon:
+    """Context manager sampling :func:`rss_anon` on a thread; ``.growth`` is the peak
+    over the block minus the value on entry."""
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s = interval_s
+        self.base = self.peak = 0
+
+    def __enter__(self) -> PeakRssAnon:
+        import threading
+
+        self.base = self.peak = rss_anon()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, rss_anon())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base

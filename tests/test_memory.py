@@ -16,36 +16,21 @@ SIZE = {"hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 16,
         "head_dim": 64, "intermediate_size": 3072, "vocab_size": 8000}
 
 MEASURE = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, sys
     import torch
     from transformers import Qwen3ForCausalLM  # library code is not model memory: import it first
     from lazystream import LazyStreamModel, streamer_of
-
-    def rss_anon():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-
-    peak, stop = [0], threading.Event()
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_anon())
-            time.sleep(0.0005)
+    from lazystream.telemetry import PeakRssAnon
 
     ids = torch.randint(0, 8000, (1, 8))
     torch.ones(1) @ torch.ones(1)  # let torch set up its allocator and thread pool first
-    base = rss_anon()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    model = LazyStreamModel.from_pretrained(sys.argv[1], int(sys.argv[2]), prefetch=2)
-    with torch.no_grad():
-        for _ in range(2):
-            model(ids)
-    stop.set()
-    sampler.join()
+    with PeakRssAnon() as rss:
+        model = LazyStreamModel.from_pretrained(sys.argv[1], int(sys.argv[2]), prefetch=2)
+        with torch.no_grad():
+            for _ in range(2):
+                model(ids)
     s = streamer_of(model)
-    print(json.dumps({"growth": max(peak[0], rss_anon()) - base, "resident": s.plan.resident_bytes,
+    print(json.dumps({"growth": rss.growth, "resident": s.plan.resident_bytes,
                       "slots": s.plan.slots * s.plan.slot_bytes, "model": s.ckpt.nbytes}))
 """)
 

@@ -141,7 +141,7 @@ def test_plan_device_bytes_equal_allocated_bytes(qwen3, keep_gpu, prefetch):
     stats = streamer.stats()
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
     # Parameters are views of the arena; buffers are tensors of their own.
-    own_buffers = sum(t.nbytes for t in model.buffers())
+    own_buffers = sum(-(-t.nbytes // 512) * 512 for t in model.buffers())  # allocator granules
     assert stats.device_bytes == streamer.plan.device_bytes
     assert stats.kept_bytes == own_buffers
     assert stats.resident_bytes == streamer.plan.resident_bytes
@@ -278,4 +278,25 @@ def test_blocks_override(qwen3):
     assert [b.path for b in streamer_of(model).plan.blocks] == ["model.layers.1", "model.layers.3"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
+    streamer_of(model).close()
+
+
+class Fp32NormQwen3(Qwen3ForCausalLM):
+    _keep_in_fp32_modules_strict = ["norm"]
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 2])
+def test_keep_in_fp32_modules_follow_the_library(tmp_path, keep_gpu):
+    """(Qwen3 cannot run with fp32 norms in bf16, so this compares dtypes and values, not outputs.)"""
+    path = build_qwen3(tmp_path, max_shard_size="60KB")
+    ref = dict(Fp32NormQwen3.from_pretrained(path, dtype=torch.bfloat16).named_parameters())
+    assert ref["model.layers.0.input_layernorm.weight"].dtype == torch.float32
+    assert ref["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    model = LazyStreamModel.from_pretrained(path, keep_gpu, dtype=torch.bfloat16, model_cls=Fp32NormQwen3)
+    plan = streamer_of(model).plan
+    targets = {t.name: t.dtype for b in plan.blocks for t in b.tensors} | {t.name: t.dtype for t in plan.resident_tensors}
+    assert targets == {name: p.dtype for name, p in ref.items()}
+    for name, param in model.named_parameters():
+        if param.device.type != "meta":
+            assert torch.equal(param, ref[name]), name
     streamer_of(model).close()
