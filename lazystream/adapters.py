@@ -12,15 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointNotFoundError, LazyStreamError
-
-
-class UnknownModelClassError(LazyStreamError, ValueError):
-    """The config names a class that neither transformers nor diffusers has."""
-
-
-class BlocksNotFoundError(LazyStreamError, ValueError):
-    """``blocks=`` names no module list, or no repeated blocks can be found."""
+from .errors import BlocksNotFoundError, CheckpointNotFoundError, UnknownModelClassError
 
 
 @dataclass(frozen=True)
@@ -144,17 +136,21 @@ def find_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> 
     """
     modules = dict(model.named_modules())
     if blocks is not None:
-        paths = [blocks] if isinstance(blocks, str) else list(blocks)
+        lists = [n for n, m in modules.items() if isinstance(m, (nn.ModuleList, nn.Sequential))]
         found: list[str] = []
-        for path in paths:
+        for path in [blocks] if isinstance(blocks, str) else list(blocks):
             module = modules.get(path)
             if module is None:
-                lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
                 raise BlocksNotFoundError(
                     f"blocks={path!r} names no module of {type(model).__name__}; its module lists are {lists}"
                 )
             if isinstance(module, (nn.ModuleList, nn.Sequential)):
                 found += [f"{path}.{child}" for child, _ in module.named_children()]
+            elif isinstance(blocks, str):
+                raise BlocksNotFoundError(
+                    f"blocks={path!r} is a {type(module).__name__}, expected a module list whose children are "
+                    f"the blocks (one of {lists}), or a list of block paths"
+                )
             else:
                 found.append(path)
         return found

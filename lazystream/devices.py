@@ -42,7 +42,7 @@ class HostDevice:
     def host_waits_for(self, marker: None) -> None:
         pass
 
-    def allocated(self) -> int | None:
+    def free_bytes(self) -> int | None:
         return None
 
 
@@ -96,8 +96,10 @@ class CudaDevice:
         if marker is not None:
             marker.synchronize()
 
-    def allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device)
+    def free_bytes(self) -> int:
+        """Free device memory, counting what this process's allocator holds unused."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
 
 def device_ops(device: torch.device) -> HostDevice | CudaDevice:

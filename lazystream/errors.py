@@ -93,6 +93,35 @@ class OverlappingTensorsError(HeaderError):
     """Two tensors claim the same bytes."""
 
 
+# -- matching the checkpoint to the model -------------------------------------------
+
+
+class UnknownModelClassError(LazyStreamError, ValueError):
+    """The config names a class that neither transformers nor diffusers has."""
+
+
+class BlocksNotFoundError(LazyStreamError, ValueError):
+    """``blocks=`` names no module list, or no repeated blocks can be found."""
+
+
+class MissingTensorsError(LazyStreamError, KeyError):
+    """The model has parameters that the checkpoint does not hold."""
+
+    __str__ = Exception.__str__  # KeyError would show the message quoted
+
+
+class ShapeMismatchError(LazyStreamError, ValueError):
+    """A checkpoint tensor's shape differs from the model's parameter."""
+
+
+class OtherOffloaderError(LazyStreamError, ValueError):
+    """The model already carries offloading hooks (accelerate, diffusers, lazystream)."""
+
+
+class DeviceMemoryError(LazyStreamError, MemoryError):
+    """The plan does not fit in the device's free memory."""
+
+
 # -- after opening ------------------------------------------------------------------
 
 

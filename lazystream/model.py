@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import build_skeleton, family_of, find_blocks, model_class, require_config
 from .checkpoint import Checkpoint
-from .errors import LazyStreamError
+from .errors import OtherOffloaderError
 from .io import IOConfig
 from .plan import build_plan, check_args
 from .streamer import Streamer
@@ -159,10 +159,12 @@ def _attach(model, ckpt, keep_gpu, *, device, dtype, blocks, placement, prefetch
 def _refuse_other_offloaders(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if getattr(module, _ATTR, None) is not None:
-            raise LazyStreamError(f"module {name or type(model).__name__!r} is already streamed by lazystream")
-        for attr, owner in (("_hf_hook", "accelerate"), ("_diffusers_hook", "diffusers")):
-            if getattr(module, attr, None) is not None:
-                raise LazyStreamError(
+            raise OtherOffloaderError(f"module {name or type(model).__name__!r} is already streamed by lazystream")
+        diffusers_hooks = getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
+        for attr, owner, present in (("_hf_hook", "accelerate", hasattr(module, "_hf_hook")),
+                                     ("_diffusers_hook", "diffusers", bool(diffusers_hooks))):
+            if present:
+                raise OtherOffloaderError(
                     f"module {name or type(model).__name__!r} already carries {owner} offloading hooks ({attr}); "
                     "lazystream would fight them over the weights: load the model without that offloading"
                 )

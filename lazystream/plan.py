@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelFamily
-from .errors import LazyStreamError
+from .errors import MissingTensorsError, ShapeMismatchError
 from .header import TensorRecord
 
 PLACEMENTS = ("first", "spread")
@@ -24,16 +24,6 @@ RUN_ALIGN = 256
 # Every buffer is sized in whole units of the CUDA caching allocator's granule, so the
 # plan's bytes are the bytes torch.cuda.memory_allocated() reports.
 GRANULE = 512
-
-
-class MissingTensorsError(LazyStreamError, KeyError):
-    """The model has parameters that the checkpoint does not hold."""
-
-    __str__ = Exception.__str__
-
-
-class ShapeMismatchError(LazyStreamError, ValueError):
-    """A checkpoint tensor's shape differs from the model's parameter."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +54,11 @@ class BlockPlan:
     tensors: tuple[TensorPlacement, ...]
     nbytes: int  # stored bytes of its parameters
     cast_bytes: int  # bytes of its converted tensors, when streamed
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes it takes when resident (in the target dtypes)."""
+        return sum(t.record.nbytes // t.record.dtype.itemsize * t.dtype.itemsize for t in self.tensors)
 
 
 @dataclass(frozen=True)
@@ -99,6 +94,23 @@ class StreamPlan:
     def streamed_bytes(self) -> int:
         """Bytes read per call when every streamed block runs once."""
         return sum(b.nbytes for b in self.streamed)
+
+    def estimate_device_bytes(self, keep_gpu: int) -> int:
+        """An upper bound of the device bytes the same model would need with ``keep_gpu``
+        resident blocks (each tensor counted with the most alignment padding it can get)."""
+        resident = choose_resident(len(self.blocks), keep_gpu, self.placement)
+        streamed = [b for b in self.blocks if b.index not in resident]
+        pad = [RUN_ALIGN * len(b.tensors) + GRANULE for b in self.blocks]
+        outside = self.resident_bytes - sum(b.resident_nbytes for b in self.blocks if b.resident)
+        return (outside + self.kept_bytes + sum(self.blocks[i].resident_nbytes + pad[i] for i in resident)
+                + min(self.prefetch, len(streamed)) * max((b.nbytes + pad[b.index] for b in streamed), default=0)
+                + max((b.resident_nbytes + pad[b.index] for b in streamed if b.resident_nbytes != b.nbytes),
+                      default=0))
+
+    def largest_keep_gpu_within(self, nbytes: int) -> int | None:
+        """The most resident blocks whose estimated device bytes fit in ``nbytes``."""
+        fits = [k for k in range(len(self.blocks) + 1) if self.estimate_device_bytes(k) <= nbytes]
+        return max(fits) if fits else None
 
     def __str__(self) -> str:
         mib = 2**20

@@ -16,7 +16,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, coalesce
 from .devices import device_ops
-from .errors import ClosedError
+from .errors import ClosedError, DeviceMemoryError
 from .io import IOConfig, Loader, Ticket
 from .plan import GRANULE, BlockPlan, StreamPlan, TensorPlacement, _layout, _round_up
 from .telemetry import CallStats, Stats
@@ -106,6 +106,9 @@ class Streamer:
                 return
             try:
                 self._load()
+            except torch.OutOfMemoryError as exc:
+                self._free()
+                raise self._out_of_memory() from exc
             except BaseException:
                 self._free()
                 raise
@@ -195,6 +198,21 @@ class Streamer:
         self._slots = [_Slot(i, ops.empty(plan.slot_bytes)) for i in range(plan.slots)]
         self._scratch = ops.empty(plan.scratch_bytes) if plan.scratch_bytes else None
 
+    def _out_of_memory(self) -> DeviceMemoryError:
+        plan, mib = self.plan, 2**20
+        free = self.ops.free_bytes()
+        fit = plan.largest_keep_gpu_within(free) if free is not None else None
+        return DeviceMemoryError(
+            f"out of memory on {plan.device} loading {type(self.model).__name__}: the plan needs "
+            f"{plan.device_bytes / mib:.1f} MiB (resident {plan.resident_bytes / mib:.1f}, buffers "
+            f"{plan.kept_bytes / mib:.1f}, {plan.slots} slot(s) x {plan.slot_bytes / mib:.1f}, cast scratch "
+            f"{plan.scratch_bytes / mib:.1f}) with keep_gpu={plan.keep_gpu}"
+            + (f"; {free / mib:.1f} MiB are free" if free is not None else "")
+            + (f"; keep_gpu={fit} would fit" if fit is not None else "; even keep_gpu=0 does not fit")
+            + (f" (with prefetch={plan.prefetch})" if fit is not None else ""),
+            path=self.ckpt.folder,
+        )
+
     def _free(self) -> None:
         self.loader.drain()  # no copy may still be writing into a buffer dropped below
         if not self._loaded and self._arena is None:
@@ -218,6 +236,7 @@ class Streamer:
         try:
             self._owner = threading.get_ident()
             self._depth += 1
+            self._check_open()  # close() may have run while this thread waited for the lock
             if self._depth == 1:
                 self.load()
                 self._call, self._call_start = CallStats(), time.perf_counter()
