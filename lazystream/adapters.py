@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,9 @@ class ModelFamily:
 
     library: str  # "transformers", "diffusers" or "torch"
     keep_fp32: tuple[str, ...]  # module name patterns that stay float32 at the requested dtype
+    # transformers keeps a parameter its class declares in another floating dtype (fp32
+    # router gates, say); these are the declarations of a skeleton built by build_skeleton.
+    declared: dict[str, torch.dtype] = field(default_factory=dict)
 
     def target_dtype(self, name: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
         """The dtype the library's own loader gives the tensor ``name`` stored as ``stored``."""
@@ -30,7 +33,12 @@ class ModelFamily:
             keep = any(p in name.split(".") for p in self.keep_fp32)
         else:
             keep = any(p in name for p in self.keep_fp32)
-        return torch.float32 if keep else dtype
+        if keep:
+            return torch.float32
+        declared = self.declared.get(name)
+        if self.library == "transformers" and declared is not None and declared.is_floating_point:
+            return declared
+        return dtype
 
 
 def require_config(config: dict | None, folder: Path) -> dict:
@@ -65,8 +73,12 @@ def model_class(config: dict, path: Path) -> type[nn.Module]:
     return cls
 
 
-def family_of(model: nn.Module, dtype: torch.dtype) -> ModelFamily:
-    """The rules of the library ``model``'s class (or, for a user's subclass, its base) comes from."""
+def family_of(model: nn.Module, dtype: torch.dtype, *, built_here: bool = False) -> ModelFamily:
+    """The rules of the library ``model``'s class (or, for a user's subclass, its base) comes from.
+
+    ``built_here``: the model is a skeleton from build_skeleton at ``dtype``, so each
+    parameter's dtype is the one its library declares.
+    """
     libraries = (base.__module__.split(".")[0] for base in type(model).__mro__)
     library = next((lib for lib in libraries if lib in ("transformers", "diffusers")), "torch")
     keep: list[str] = []
@@ -77,7 +89,8 @@ def family_of(model: nn.Module, dtype: torch.dtype) -> ModelFamily:
             keep += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     elif library == "diffusers":
         keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return ModelFamily(library, tuple(keep))
+    declared = {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)} if built_here else {}
+    return ModelFamily(library, tuple(keep), declared)
 
 
 def build_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:

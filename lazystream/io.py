@@ -147,6 +147,12 @@ class Loader:
 
     def close(self) -> None:
         """Finish pending jobs, stop the worker, free the staging ring. Idempotent."""
+        if self._thread is threading.current_thread():
+            # Garbage collection ran the finalizer on the worker itself: it cannot wait for
+            # its own queue. Stop it after the jobs already queued.
+            self._queue.put(None)
+            self._thread = None
+            return
         if self._thread is not None:
             self.drain()
             self._queue.put(None)

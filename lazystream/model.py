@@ -80,7 +80,7 @@ class LazyStreamModel:
             dtype = dtype or checkpoint_dtype(ckpt)
             model = build_skeleton(cls, config, dtype)
             _attach(model, ckpt, keep_gpu, device=device, dtype=dtype, blocks=blocks, placement=placement,
-                    prefetch=prefetch, io=io, owns_checkpoint=True)
+                    prefetch=prefetch, io=io, owns_checkpoint=True, built_here=True)
         except BaseException:
             ckpt.close()
             raise
@@ -140,13 +140,15 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
     return sizes.most_common(1)[0][0] if sizes else torch.float32
 
 
-def _attach(model, ckpt, keep_gpu, *, device, dtype, blocks, placement, prefetch, io, owns_checkpoint) -> None:
+def _attach(model, ckpt, keep_gpu, *, device, dtype, blocks, placement, prefetch, io, owns_checkpoint,
+            built_here=False) -> None:
     _refuse_other_offloaders(model)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     plan = build_plan(model, ckpt, find_blocks(model, blocks), keep_gpu=keep_gpu, placement=placement,
-                      prefetch=prefetch, dtype=dtype, family=family_of(model, dtype), device=device)
+                      prefetch=prefetch, dtype=dtype, family=family_of(model, dtype, built_here=built_here),
+                      device=device)
     streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint)
     try:
         streamer.load()

@@ -22,7 +22,8 @@ PLACEMENTS = ("first", "spread")
 ALIGN = 16
 RUN_ALIGN = 256
 # Every buffer is sized in whole units of the CUDA caching allocator's granule, so the
-# plan's bytes are the bytes torch.cuda.memory_allocated() reports.
+# plan's bytes are what torch.cuda.memory_allocated() reports for buffers of the small
+# pool; a large buffer can take up to 1 MiB more (a block is not split for less).
 GRANULE = 512
 
 

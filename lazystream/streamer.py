@@ -5,6 +5,7 @@ the learned execution order."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import weakref
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, coalesce
+from .checkpoint import Checkpoint, CopyRun, coalesce
 from .devices import device_ops
 from .errors import ClosedError, DeviceMemoryError
 from .io import IOConfig, Loader, Ticket
-from .plan import GRANULE, BlockPlan, StreamPlan, TensorPlacement, _layout, _round_up
+from .plan import GRANULE, RUN_ALIGN, BlockPlan, StreamPlan, TensorPlacement, _round_up
 from .telemetry import CallStats, Stats
 
 # Resident tensors that need a dtype conversion are loaded through a temporary buffer
@@ -86,10 +87,11 @@ class Streamer:
         self._last = CallStats()
         self._total = CallStats()
         self._calls = 0
-        self._handles = [
-            model.register_forward_pre_hook(self._pre_call),
-            model.register_forward_hook(self._post_call, always_call=True),
-        ]
+        # The root call is wrapped, not hooked: torch runs always_call hooks only for an
+        # Exception, and a KeyboardInterrupt must release the lock and the slots too.
+        model.forward = self._wrap_forward(model.forward)
+        self._block_calls: list[tuple[int, int]] = []  # blocks called outside a root call
+        self._handles = []
         modules = dict(model.named_modules())
         for block in plan.streamed:
             module = modules[block.path]
@@ -165,16 +167,16 @@ class Streamer:
     def _load(self) -> None:
         plan, ops = self.plan, self.ops
         self._arena = ops.empty(plan.resident_bytes)
+        self._slots = [_Slot(i, ops.empty(plan.slot_bytes)) for i in range(plan.slots)]
+        self._scratch = ops.empty(plan.scratch_bytes) if plan.scratch_bytes else None
+        # The allocator can hand out memory whose last reader is still queued on the compute
+        # stream; without this marker the copy stream could overwrite it under that reader.
+        fresh = ops.compute_done()
+        for slot in self._slots:
+            slot.free_after = fresh
         direct = [t for t in plan.resident_tensors if not t.needs_cast]
-        ticket = self.loader.submit(coalesce((t.record, t.offset) for t in direct), self._arena)
-        for chunk in _cast_chunks([t for t in plan.resident_tensors if t.needs_cast]):
-            offsets, size = _layout([t.record for t in chunk])
-            raw = ops.empty(size)
-            chunk_ticket = self.loader.submit(coalesce((t.record, o) for t, o in zip(chunk, offsets)), raw)
-            chunk_ticket.wait()
-            ops.compute_waits_for(chunk_ticket.ready)
-            for t, o in zip(chunk, offsets):
-                _view(self._arena, t.offset, t.dtype, t.record.shape).copy_(_view(raw, o, t.record.dtype, t.record.shape))
+        ticket = self.loader.submit(coalesce((t.record, t.offset) for t in direct), self._arena, after=fresh)
+        self._load_casts([t for t in plan.resident_tensors if t.needs_cast])
         ticket.wait()
         ops.compute_waits_for(ticket.ready)
         self._set_params({
@@ -195,8 +197,26 @@ class Streamer:
                 moved[id(home)] = value
             _registry(module, home)[leaf] = value
         self._moved = list(moved.values())
-        self._slots = [_Slot(i, ops.empty(plan.slot_bytes)) for i in range(plan.slots)]
-        self._scratch = ops.empty(plan.scratch_bytes) if plan.scratch_bytes else None
+        # Loading is not the hot path: finish it here, so a first call on any stream sees it.
+        ops.host_waits_for(ops.compute_done())
+
+    def _load_casts(self, tensors: list[TensorPlacement]) -> None:
+        """Read stored bytes into a bounded temporary buffer and convert them into the
+        arena, on the device, CAST_CHUNK_BYTES at a time (a large tensor in pieces)."""
+        for pieces in _cast_pieces(tensors, CAST_CHUNK_BYTES):
+            runs, end = [], 0
+            for t, start, count in pieces:
+                size = t.record.dtype.itemsize
+                runs.append(CopyRun(t.record.file, t.record.offset + start * size, end, count * size))
+                end = _round_up(end + count * size, RUN_ALIGN)
+            raw = self.ops.empty(end)
+            ticket = self.loader.submit(runs, raw, after=self.ops.compute_done())
+            ticket.wait()
+            self.ops.compute_waits_for(ticket.ready)
+            for (t, start, count), run in zip(pieces, runs):
+                numel = t.record.nbytes // t.record.dtype.itemsize
+                target = _view(self._arena, t.offset, t.dtype, (numel,))[start:start + count]
+                target.copy_(raw[run.dest_offset:run.dest_offset + run.nbytes].view(t.record.dtype))
 
     def _out_of_memory(self) -> DeviceMemoryError:
         plan, mib = self.plan, 2**20
@@ -229,14 +249,25 @@ class Streamer:
     # Hook bodies are excluded from torch.compile graphs: they move bytes and swap
     # parameters, which a graph must not capture.
 
+    def _wrap_forward(self, forward):
+        @functools.wraps(forward)
+        def streamed_forward(*args, **kwargs):
+            self._enter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self._exit()
+
+        return streamed_forward
+
     @torch.compiler.disable
-    def _pre_call(self, module: nn.Module, args: tuple) -> None:
+    def _enter(self) -> None:
         self._check_open()
         self._lock.acquire()  # one call at a time: two threads must never mix weights
         try:
+            self._check_open()  # close() may have run while this thread waited for the lock
             self._owner = threading.get_ident()
             self._depth += 1
-            self._check_open()  # close() may have run while this thread waited for the lock
             if self._depth == 1:
                 self.load()
                 self._call, self._call_start = CallStats(), time.perf_counter()
@@ -251,15 +282,25 @@ class Streamer:
             raise
 
     @torch.compiler.disable
-    def _post_call(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self._depth == 0 or self._owner != threading.get_ident():
-            return  # _pre_call failed before it took the lock
+    def _exit(self) -> None:
         try:
             if self._depth == 1:
+                self._release_bound()
                 self._end_call()
         finally:
             self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
             self._lock.release()
+
+    def _release_bound(self) -> None:
+        """Free the slots of blocks still bound when a call ends: a BaseException such as
+        KeyboardInterrupt skips the blocks' post-forward hooks."""
+        for index, slot in list(self._bound.items()):
+            self._set_params({t.name: self._meta[t.name] for t in self.plan.blocks[index].tensors})
+            slot.block, slot.ticket, slot.users = None, None, 0
+            slot.free_after = self.ops.compute_done()
+        self._bound.clear()
 
     def _end_call(self) -> None:
         call, self._call = self._call, None
@@ -277,8 +318,10 @@ class Streamer:
 
     @torch.compiler.disable
     def _pre_block(self, index: int, module: nn.Module, args: tuple) -> None:
-        self._check_open()
-        self.load()
+        if self._depth == 0 or self._owner != threading.get_ident():
+            # A submodule holding the blocks was called directly, not the model.
+            self._enter()
+            self._block_calls.append((index, self._depth))
         slot = self._bound.get(index)
         if slot is not None:  # the block calls itself, or runs twice in one forward
             slot.users += 1
@@ -311,19 +354,24 @@ class Streamer:
 
     @torch.compiler.disable
     def _post_block(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
-        slot = self._bound.get(index)
-        if slot is None:
-            return  # _pre_block failed
-        slot.users -= 1
-        if slot.users:
-            return
-        self._set_params({t.name: self._meta[t.name] for t in self.plan.blocks[index].tensors})
-        del self._bound[index]
-        slot.block, slot.ticket = None, None
-        slot.free_after = self.ops.compute_done()
-        if torch.is_grad_enabled():
-            _refuse_backward(output, self.plan.blocks[index].path)
-        self._prefetch()
+        try:
+            slot = self._bound.get(index)
+            if slot is None:
+                return  # _pre_block failed
+            slot.users -= 1
+            if slot.users:
+                return
+            self._set_params({t.name: self._meta[t.name] for t in self.plan.blocks[index].tensors})
+            del self._bound[index]
+            slot.block, slot.ticket = None, None
+            slot.free_after = self.ops.compute_done()
+            if torch.is_grad_enabled():
+                _refuse_backward(output, self.plan.blocks[index].path)
+            self._prefetch()
+        finally:
+            if self._block_calls and self._block_calls[-1] == (index, self._depth) and self._owner == threading.get_ident():
+                self._block_calls.pop()
+                self._exit()
 
     # -- slots --------------------------------------------------------------------------
 
@@ -452,16 +500,23 @@ def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[in
     return buffer[offset:offset + nbytes].view(dtype).view(shape)
 
 
-def _cast_chunks(tensors: list[TensorPlacement]) -> Iterator[list[TensorPlacement]]:
-    chunk, size = [], 0
+def _cast_pieces(tensors: list[TensorPlacement], limit: int) -> Iterator[list[tuple[TensorPlacement, int, int]]]:
+    """Groups of (tensor, first element, element count) of at most ``limit`` stored bytes."""
+    group, size = [], 0
     for t in tensors:
-        if chunk and size + t.record.nbytes > CAST_CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(t)
-        size += t.record.nbytes
-    if chunk:
-        yield chunk
+        itemsize = t.record.dtype.itemsize
+        numel = t.record.nbytes // itemsize
+        start = 0
+        while start < numel:
+            if size + itemsize > limit and group:
+                yield group
+                group, size = [], 0
+            count = min(numel - start, max(1, (limit - size) // itemsize))
+            group.append((t, start, count))
+            size += count * itemsize
+            start += count
+    if group:
+        yield group
 
 
 def _refuse_backward(output: object, path: str) -> None:

@@ -58,7 +58,9 @@ def test_cuda_memory_matches_plan_and_returns_after_unload(qwen3_cuda):
     before = torch.cuda.memory_allocated()
     model = LazyStreamModel.from_pretrained(path, 2, device="cuda")
     streamer = streamer_of(model)
-    assert torch.cuda.memory_allocated() - before == streamer.plan.device_bytes
+    # The caching allocator does not split a large block for less than 1 MiB.
+    taken = torch.cuda.memory_allocated() - before
+    assert streamer.plan.device_bytes <= taken <= streamer.plan.device_bytes + (2 + streamer.plan.slots) * 2**20
     streamer.unload()
     assert torch.cuda.memory_allocated() == before
     with torch.no_grad():

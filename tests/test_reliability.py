@@ -343,3 +343,54 @@ def test_diffusers_hooks_are_refused(tmp_path):
     HookRegistry.check_if_exists_or_initialize(model.layers[1]).register_hook(ModelHook(), "someone-elses")
     with pytest.raises(OtherOffloaderError, match="module 'layers.1' already carries diffusers offloading hooks"):
         attach(model, path, 1)
+
+
+def test_keyboard_interrupt_inside_a_block_releases_lock_and_slots(ref_qwen3):
+    """torch skips always_call hooks for a BaseException; the root wrapper cleans up."""
+    path, ids, want = ref_qwen3
+    model = LazyStreamModel.from_pretrained(path, 1, placement="first", prefetch=2)
+    streamer = streamer_of(model)
+    block = model.model.layers[2]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for _ in range(3):  # more interrupts than slots: none may leak
+        block.forward = interrupted
+        with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+            model(ids)
+        del block.forward
+        assert streamer._bound == {} and streamer._depth == 0
+        assert all(s.users == 0 for s in streamer._slots)
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("logits", model(ids).logits.detach()))
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and torch.equal(out["logits"], want)
+    streamer.close()
+
+
+def test_submodule_called_directly_from_two_threads(ref_qwen3):
+    """Calling model.model (which holds the blocks) bypasses the root wrapper; each streamed
+    block then takes the lock itself, so weights never mix."""
+    path, ids, _ = ref_qwen3
+    ref = Qwen3ForCausalLM.from_pretrained(path).eval()
+    inputs = [ids, ids.flip(0), ids[:, :5]]
+    with torch.no_grad():
+        wants = [ref.model(x).last_hidden_state for x in inputs]
+    model = LazyStreamModel.from_pretrained(path, 1, prefetch=1)
+    results: list[bool] = []
+
+    def caller(x, want):
+        with torch.no_grad():
+            for _ in range(4):
+                results.append(torch.equal(model.model(x).last_hidden_state, want))
+
+    threads = [threading.Thread(target=caller, args=a) for a in zip(inputs, wants)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == [True] * 12
+    assert streamer_of(model)._depth == 0
+    streamer_of(model).close()

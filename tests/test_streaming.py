@@ -6,10 +6,11 @@ import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 from transformers import Qwen3ForCausalLM
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from lazystream import IOConfig, LazyStreamModel, streamer_of
 from lazystream.errors import ClosedError
-from lazystream.synthetic import build_qwen3, build_zimage, zimage_config, zimage_inputs
+from lazystream.synthetic import build_qwen3, build_zimage, qwen3_config, zimage_config, zimage_inputs
 
 QWEN_LAYERS = 4
 ZIMAGE_BLOCKS = 2 + 2 + 4  # noise refiner, context refiner, main layers
@@ -299,4 +300,58 @@ def test_keep_in_fp32_modules_follow_the_library(tmp_path, keep_gpu):
     for name, param in model.named_parameters():
         if param.device.type != "meta":
             assert torch.equal(param, ref[name]), name
+    streamer_of(model).close()
+
+
+class _GatedLayer(Qwen3DecoderLayer):
+    """A layer with a parameter its class declares float32 (as fp32 router gates are)."""
+
+    def __init__(self, config, idx):
+        super().__init__(config, idx)
+        self.gate = torch.nn.Parameter(torch.rand(config.hidden_size, dtype=torch.float32) + 0.5)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = super().forward(hidden_states, *args, **kwargs)
+        return (out * self.gate).to(out.dtype)
+
+
+class GatedQwen3(Qwen3ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.layers = torch.nn.ModuleList(_GatedLayer(config, i) for i in range(config.num_hidden_layers))
+        self.post_init()
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 2])
+def test_parameters_declared_in_another_dtype_keep_it(tmp_path, keep_gpu):
+    torch.manual_seed(0)
+    GatedQwen3(qwen3_config()).save_pretrained(tmp_path, max_shard_size="60KB")
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(6))
+    ref = GatedQwen3.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert ref.model.layers[0].gate.dtype == torch.float32
+    model = LazyStreamModel.from_pretrained(tmp_path, keep_gpu, model_cls=GatedQwen3, dtype=torch.bfloat16)
+    gates = [t.dtype for b in streamer_of(model).plan.blocks for t in b.tensors if t.name.endswith(".gate")]
+    assert gates == [torch.float32] * QWEN_LAYERS
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    streamer_of(model).close()
+
+
+def test_resident_casts_go_through_a_bounded_buffer(tmp_path, monkeypatch):
+    import lazystream.streamer as streamer_module
+    from lazystream.devices import HostDevice
+
+    monkeypatch.setattr(streamer_module, "CAST_CHUNK_BYTES", 4096)  # smaller than the embedding
+    sizes = []
+    original = HostDevice.empty
+    monkeypatch.setattr(HostDevice, "empty", lambda self, n: sizes.append(n) or original(self, n))
+    path = build_qwen3(tmp_path, max_shard_size="60KB")
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(7))
+    ref = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = LazyStreamModel.from_pretrained(path, 2, dtype=torch.bfloat16)
+    plan = streamer_of(model).plan
+    temporaries = sizes[2 + plan.slots:]  # after the arena, the slots and the cast scratch
+    assert temporaries and max(temporaries) <= 4096 + 512
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
     streamer_of(model).close()
