@@ -1,5 +1,9 @@
-"""``lazystream demo``: build (once) a random-weight Qwen3 checkpoint of a few hundred
-MB, generate with it streamed and resident, check the tokens agree, show what it cost."""
+"""The ``lazystream`` command.
+
+``lazystream demo``: build (once) a random-weight Qwen3 checkpoint of a few hundred MB,
+generate with it streamed and resident, check the tokens agree, show what it cost.
+``lazystream plan REPO``: the plan for a checkpoint from its headers alone.
+"""
 
 from __future__ import annotations
 
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--keep-gpu", type=int, default=None, help="resident blocks (default: half)")
     d.add_argument("--tokens", type=int, default=16, help="tokens to generate")
     d.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    from . import plan_report
+
+    plan_report.add_arguments(sub.add_parser("plan", help="the plan for a checkpoint, from its headers alone"))
     r = sub.add_parser("_run", help=argparse.SUPPRESS)
     r.add_argument("path")
     r.add_argument("mode", choices=MODES)
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.keep_gpu, args.tokens, args.device)
+    if args.command == "plan":
+        return plan_report.run(args)
     print(json.dumps(_run_one(args.path, args.mode, args.keep_gpu, args.tokens, args.device)))
     return 0
 

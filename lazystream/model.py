@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .adapters import build_skeleton, family_of, find_blocks, model_class, require_config
 from .checkpoint import Checkpoint
+from .header import TensorRecord
 from .errors import OtherOffloaderError
 from .io import IOConfig
-from .plan import build_plan, check_args
+from . import probe
+from .planner import PlanRequest, make_plan, plan_builder
+from .plan import StreamPlan
 from .streamer import Streamer
 
 _ATTR = "_lazystream"
@@ -25,7 +29,7 @@ class LazyStreamModel:
     @staticmethod
     def from_pretrained(
         repo_or_path: str | os.PathLike,
-        keep_gpu: int,
+        keep_gpu: int | str,
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -40,13 +44,16 @@ class LazyStreamModel:
         placement: str = "spread",
         prefetch: int = 2,
         io: IOConfig | None = None,
+        max_gpu_memory: int | str | None = None,
+        activation_reserve: int | str | None = None,
     ) -> nn.Module:
         """Load a transformers or diffusers model with ``keep_gpu`` blocks resident on
         the device and every other block streamed from the safetensors shards.
 
         Args:
             repo_or_path: a local folder or a Hugging Face repo id.
-            keep_gpu: blocks kept resident (int >= 0; more than the model has: all).
+            keep_gpu: blocks kept resident (int >= 0; more than the model has: all), or
+                "auto": as many as fit max_gpu_memory with the slots and activations.
             device: default CUDA when available, else CPU.
             dtype: default the checkpoint's; otherwise cast as the library's own loader
                 would (keep-in-fp32 modules stay float32), on the device.
@@ -54,16 +61,24 @@ class LazyStreamModel:
                 ``from_pretrained`` of transformers and diffusers.
             model_cls: the class to build, e.g. a subclass; default the config's.
             blocks: path(s) of the block lists; default found from the class.
-            placement: "first" (the first keep_gpu blocks resident) or "spread".
+            placement: "first" (the first keep_gpu blocks resident), "spread" (evenly
+                spaced), or "cost" (the blocks that save the most predicted time; the
+                first call is timed once per machine and checkpoint to calibrate it).
             prefetch: device slots for streamed blocks (>= 1).
             io: how bytes travel (threads, staging ring); see :class:`IOConfig`.
+            max_gpu_memory: the budget of keep_gpu="auto", bytes or a string such as
+                "6GiB"; default the free device memory less 5%.
+            activation_reserve: device memory keep_gpu="auto" leaves for activations;
+                default measured on the first call (until then 10% of the budget).
 
         Returns:
             An instance of the model's own class. ``lazystream.streamer_of(model)`` gives
             its controller (plan, stats, load/unload, session, close).
 
         Raises:
-            ValueError: bad keep_gpu, placement or prefetch (before anything is read).
+            ValueError: bad keep_gpu, placement, prefetch or memory size (before
+                anything is read).
+            DeviceMemoryError: the plan does not fit the device (with the keep_gpu that would).
             LazyStreamError: the checkpoint cannot be found or is invalid; its subclasses
                 name the file and tensor.
 
@@ -71,7 +86,7 @@ class LazyStreamModel:
             >>> model = LazyStreamModel.from_pretrained("Qwen/Qwen3-8B", keep_gpu=20)
             >>> out = model.generate(input_ids.cuda(), max_new_tokens=32)
         """
-        check_args(keep_gpu, placement, prefetch)
+        request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
         ckpt = Checkpoint.open(repo_or_path, subfolder=subfolder, variant=variant, revision=revision,
                                cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         try:
@@ -79,8 +94,8 @@ class LazyStreamModel:
             cls = model_cls or model_class(config, ckpt.folder / "config.json")
             dtype = dtype or checkpoint_dtype(ckpt)
             model = build_skeleton(cls, config, dtype)
-            _attach(model, ckpt, keep_gpu, device=device, dtype=dtype, blocks=blocks, placement=placement,
-                    prefetch=prefetch, io=io, owns_checkpoint=True, built_here=True)
+            _attach(model, ckpt, request, device=device, dtype=dtype, blocks=blocks, io=io, owns_checkpoint=True,
+                    built_here=True)
         except BaseException:
             ckpt.close()
             raise
@@ -90,7 +105,7 @@ class LazyStreamModel:
 def attach(
     model: nn.Module,
     repo_or_path: str | os.PathLike | Checkpoint,
-    keep_gpu: int,
+    keep_gpu: int | str,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -98,6 +113,8 @@ def attach(
     placement: str = "spread",
     prefetch: int = 2,
     io: IOConfig | None = None,
+    max_gpu_memory: int | str | None = None,
+    activation_reserve: int | str | None = None,
     **resolve_kwargs,
 ) -> nn.Module:
     """Stream the weights of ``repo_or_path`` into an already built ``model`` (for
@@ -110,12 +127,12 @@ def attach(
     Returns:
         ``model`` itself.
     """
-    check_args(keep_gpu, placement, prefetch)
+    request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
     owns = not isinstance(repo_or_path, Checkpoint)
     ckpt = Checkpoint.open(repo_or_path, **resolve_kwargs) if owns else repo_or_path
     try:
-        _attach(model, ckpt, keep_gpu, device=device, dtype=dtype or checkpoint_dtype(ckpt), blocks=blocks,
-                placement=placement, prefetch=prefetch, io=io, owns_checkpoint=owns)
+        _attach(model, ckpt, request, device=device, dtype=dtype or checkpoint_dtype(ckpt), blocks=blocks, io=io,
+                owns_checkpoint=owns)
     except BaseException:
         if owns:
             ckpt.close()
@@ -140,16 +157,51 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
     return sizes.most_common(1)[0][0] if sizes else torch.float32
 
 
-def _attach(model, ckpt, keep_gpu, *, device, dtype, blocks, placement, prefetch, io, owns_checkpoint,
-            built_here=False) -> None:
-    _refuse_other_offloaders(model)
+def resolve_device(device: str | torch.device | None) -> torch.device:
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    plan = build_plan(model, ckpt, find_blocks(model, blocks), keep_gpu=keep_gpu, placement=placement,
-                      prefetch=prefetch, dtype=dtype, family=family_of(model, dtype, built_here=built_here),
-                      device=device)
-    streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint)
+    return device
+
+
+def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], request: PlanRequest, *,
+                    device: torch.device, dtype: torch.dtype, blocks, built_here: bool, measure: bool,
+                    checkpoint_id: str, shard: Path | None):
+    """The plan for ``model`` and, when a calibration call is still needed, the callback
+    that re-plans with its result. ``measure``: run the bandwidth probe (cached per
+    machine; ``shard`` is a local file to time reads of) even where the plan does not
+    need it, for its predicted time."""
+    build = plan_builder(model, records, find_blocks(model, blocks), dtype=dtype,
+                         family=family_of(model, dtype, built_here=built_here), device=device)
+    if not (measure or request.keep_gpu == "auto" or request.placement == "cost"):
+        return build(keep_gpu=request.keep_gpu, placement=request.placement, prefetch=request.prefetch), None
+    bw = probe.bandwidth(device, shard)
+    cache = probe.calibration_path(device, checkpoint_id, dtype)
+    calibration = probe.load_calibration(cache)
+    plan = make_plan(request, build, device=device, bandwidth=bw, calibration=calibration)
+    if calibration is not None or not request.needs_calibration:
+        return plan, None
+
+    def on_calibrated(measured: probe.Calibration) -> StreamPlan:
+        probe.save_calibration(cache, measured)
+        return make_plan(request, build, device=device, bandwidth=bw, calibration=measured)
+
+    return plan, on_calibrated
+
+
+def checkpoint_id(ckpt: Checkpoint) -> str:
+    """Names one checkpoint on this machine (its shards' paths and sizes)."""
+    return "|".join(f"{p.resolve()}:{p.stat().st_size}" for p in sorted(ckpt.shard_paths))
+
+
+def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, owns_checkpoint,
+            built_here=False) -> None:
+    _refuse_other_offloaders(model)
+    plan, on_calibrated = make_model_plan(model, ckpt, request, device=resolve_device(device), dtype=dtype,
+                                          blocks=blocks, built_here=built_here, measure=False,
+                                          checkpoint_id=checkpoint_id(ckpt), shard=ckpt.shard_paths[0])
+    streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint,
+                        on_calibrated=on_calibrated)
     try:
         streamer.load()
     except BaseException:

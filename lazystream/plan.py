@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import cost
 from .adapters import ModelFamily
 from .errors import MissingTensorsError, ShapeMismatchError
 from .header import TensorRecord
 
-PLACEMENTS = ("first", "spread")
+PLACEMENTS = ("first", "spread", "cost")
 
 # Offsets of tensors inside a buffer: a run of tensors adjacent in their file keeps its
 # file layout (so one copy moves it) as long as every tensor stays ALIGN-aligned;
@@ -63,6 +64,26 @@ class BlockPlan:
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """The cost model's view of one call (see lazystream.cost)."""
+
+    seconds: float  # per call, steady state
+    compute_seconds: float
+    transfer_seconds: float  # moving the streamed bytes at the probed bandwidth
+    bound: str  # what limits the speed: "compute", "pcie", "disk" or "memcpy"
+    calibrated: bool  # block compute times measured (else unknown, taken as 0)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What keep_gpu="auto" fitted the plan into."""
+
+    device_bytes: int  # max_gpu_memory, given or from the free device memory
+    activation_bytes: int  # held back for the call's activations
+    source: str  # where each number came from
+
+
+@dataclass(frozen=True)
 class StreamPlan:
     """Which blocks are resident and what every byte of device memory is for."""
 
@@ -78,6 +99,8 @@ class StreamPlan:
     checkpoint_buffers: tuple[str, ...]  # buffers whose values the checkpoint holds
     slot_bytes: int
     scratch_bytes: int  # converted tensors of the streamed block in use
+    prediction: Prediction | None = None
+    budget: Budget | None = None
 
     @property
     def streamed(self) -> tuple[BlockPlan, ...]:
@@ -126,21 +149,50 @@ class StreamPlan:
             f" + cast scratch {self.scratch_bytes / mib:.1f}",
             f"  streamed per call {self.streamed_bytes / mib:.1f} MiB",
         ]
+        if self.budget is not None:
+            b = self.budget
+            lines.append(f"  budget {b.device_bytes / mib:.1f} MiB, of which {b.activation_bytes / mib:.1f} MiB held "
+                         f"for activations ({b.source})")
+        if self.prediction is not None:
+            p = self.prediction
+            compute = f"{p.compute_seconds * 1e3:.1f} ms" if p.calibrated else "not calibrated yet"
+            lines.append(f"  predicted {p.seconds * 1e3:.1f} ms per call: compute {compute}, transfer "
+                         f"{p.transfer_seconds * 1e3:.1f} ms; bound by {p.bound}")
         return "\n".join(lines)
+
+    def summary(self) -> dict:
+        """Plain data for ``lazystream plan --json``."""
+        return {
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "keep_gpu": self.keep_gpu,
+            "placement": self.placement,
+            "prefetch": self.prefetch,
+            "blocks": [{"path": b.path, "bytes": b.nbytes, "resident": b.resident} for b in self.blocks],
+            "device_bytes": self.device_bytes,
+            "resident_bytes": self.resident_bytes,
+            "kept_bytes": self.kept_bytes,
+            "slots": self.slots,
+            "slot_bytes": self.slot_bytes,
+            "scratch_bytes": self.scratch_bytes,
+            "streamed_bytes_per_call": self.streamed_bytes,
+            "budget": None if self.budget is None else vars(self.budget),
+            "prediction": None if self.prediction is None else vars(self.prediction),
+        }
 
 
 def choose_resident(n_blocks: int, keep_gpu: int, placement: str) -> set[int]:
     """Indices of the blocks to keep resident."""
-    n = min(keep_gpu, n_blocks)
     if placement == "first":
-        return set(range(n))
-    # "spread": evenly spaced, block 0 first, so each streamed block follows resident compute.
-    return {i * n_blocks // n for i in range(n)} if n else set()
+        return cost.first(n_blocks, keep_gpu)
+    # "spread" (and "cost" before the cost model has chosen): evenly spaced, block 0
+    # first, so each streamed block follows resident compute.
+    return cost.spread(n_blocks, keep_gpu)
 
 
 def check_args(keep_gpu: object, placement: object, prefetch: object) -> None:
-    if not isinstance(keep_gpu, int) or isinstance(keep_gpu, bool) or keep_gpu < 0:
-        raise ValueError(f"keep_gpu must be an int >= 0 (blocks kept on the device), got {keep_gpu!r}")
+    if keep_gpu != "auto" and (not isinstance(keep_gpu, int) or isinstance(keep_gpu, bool) or keep_gpu < 0):
+        raise ValueError(f"keep_gpu must be an int >= 0 (blocks kept on the device) or 'auto', got {keep_gpu!r}")
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
@@ -158,16 +210,21 @@ def build_plan(
     dtype: torch.dtype,
     family: ModelFamily,
     device: torch.device,
+    resident: set[int] | None = None,
+    matched: tuple | None = None,
 ) -> StreamPlan:
     """Match the model's tensors to checkpoint records and lay out every buffer.
+
+    ``resident`` (block indices) overrides the placement's choice of keep_gpu blocks;
+    ``matched`` is match_tensors' result, when several plans are laid out for one model.
 
     Raises:
         MissingTensorsError: model parameters on the meta device that no shard holds.
         ShapeMismatchError: a record whose shape is not its parameter's.
     """
     check_args(keep_gpu, placement, prefetch)
-    owners, buffer_names, kept_bytes = _tensor_owners(model, records, block_paths)
-    resident_idx = choose_resident(len(block_paths), keep_gpu, placement)
+    owners, buffer_names, kept_bytes = matched or match_tensors(model, records, block_paths)
+    resident_idx = resident if resident is not None else choose_resident(len(block_paths), keep_gpu, placement)
 
     def placements(names: list[str], cast: bool) -> tuple[list[TensorPlacement], int, int]:
         recs = sorted((records[n] for n in names), key=lambda r: (str(r.file), r.offset))
@@ -218,7 +275,7 @@ def build_plan(
     )
 
 
-def _tensor_owners(
+def match_tensors(
     model: nn.Module, records: Mapping[str, TensorRecord], block_paths: Sequence[str]
 ) -> tuple[dict[str | None, list[str]], list[str], int]:
     """Checkpoint names of parameters grouped by the block that owns them (None: outside

@@ -48,11 +48,11 @@ def resolve(
         folder = path / subfolder if subfolder else path
         if not folder.is_dir():
             raise CheckpointNotFoundError(f"{path} has no subfolder {subfolder!r}", path=folder)
-        return _select(folder, sorted(os.listdir(folder)), variant)
+        return select_weights(folder, sorted(os.listdir(folder)), variant)
     return _resolve_hub(str(repo), subfolder, variant, revision, cache_dir, token, local_files_only)
 
 
-def _select(folder: Path, names: list[str], variant: str | None) -> WeightFiles:
+def select_weights(folder: Path, names: list[str], variant: str | None) -> WeightFiles:
     """Pick the index or single file among ``names``, as transformers and diffusers name them."""
     v = f".{variant}" if variant else ""
     looked_for = []
@@ -112,17 +112,17 @@ def _resolve_hub(repo_id, subfolder, variant, revision, cache_dir, token, local_
                 root = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
             except LocalEntryNotFoundError as exc:
                 # A snapshot lazystream fetched holds only the files it needs; the library
-                # calls that incomplete, but _select and the index check find what is missing.
+                # calls that incomplete, but select_weights and the index check find what is missing.
                 if getattr(exc, "snapshot_path", None) is None:
                     raise
                 root = Path(exc.snapshot_path)
             folder = root / prefix
             if not folder.is_dir():
                 raise CheckpointNotFoundError(f"{where} has no subfolder {subfolder!r} in the cache", path=folder)
-            return _select(folder, sorted(os.listdir(folder)), variant)
+            return select_weights(folder, sorted(os.listdir(folder)), variant)
         listed = HfApi().list_repo_files(repo_id, revision=revision, token=token)
         names = sorted(n[len(prefix):] for n in listed if n.startswith(prefix) and "/" not in n[len(prefix):])
-        remote = _select(Path(prefix or "."), names, variant)
+        remote = select_weights(Path(prefix or "."), names, variant)
         wanted = [prefix + "config.json"] if "config.json" in names else []
         if remote.index is not None:
             index_name = prefix + remote.index.name

@@ -9,7 +9,7 @@ import functools
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,8 @@ from .devices import device_ops
 from .errors import ClosedError, DeviceMemoryError
 from .io import IOConfig, Loader, Ticket
 from .plan import GRANULE, RUN_ALIGN, BlockPlan, StreamPlan, TensorPlacement, _round_up
-from .telemetry import CallStats, Stats
+from .probe import Calibration
+from .telemetry import BlockTimer, CallStats, Stats
 
 # Resident tensors that need a dtype conversion are loaded through a temporary buffer
 # of at most this many bytes (or one tensor, if larger), then converted on the device.
@@ -46,7 +47,10 @@ class Streamer:
     ``stats()`` reports what streaming cost; ``close()`` releases everything.
     """
 
-    def __init__(self, model: nn.Module, ckpt: Checkpoint, plan: StreamPlan, io: IOConfig, *, owns_checkpoint: bool):
+    def __init__(self, model: nn.Module, ckpt: Checkpoint, plan: StreamPlan, io: IOConfig, *, owns_checkpoint: bool,
+                 on_calibrated: Callable[[Calibration], StreamPlan | None] | None = None):
+        """``on_calibrated``: the first call is timed, block by block, and this is called
+        with the result; a plan it returns replaces the current one."""
         self.model = model
         self.ckpt = ckpt
         self.plan = plan
@@ -63,8 +67,11 @@ class Streamer:
         self._home = _kept_tensors(model, set(self._meta))
         self._runs = {b.index: coalesce((t.record, t.offset) for t in b.tensors) for b in plan.streamed}
 
-        self._order = [b.index for b in plan.streamed]  # guessed; learned on the first call
+        self._exec_order = [b.index for b in plan.blocks]  # guessed; learned on the first call
+        self._order = [b.index for b in plan.streamed]  # the streamed blocks in _exec_order
         self._learned = False
+        self._on_calibrated = on_calibrated
+        self._timer: BlockTimer | None = None
         self._observed: list[int] = []
         self._cursor = 0  # position in _order of the next block to prefetch
         self._wrapped = False
@@ -93,7 +100,7 @@ class Streamer:
         self._block_calls: list[tuple[int, int]] = []  # blocks called outside a root call
         self._handles = []
         modules = dict(model.named_modules())
-        for block in plan.streamed:
+        for block in plan.blocks:  # all of them: a new plan may stream any
             module = modules[block.path]
             self._handles.append(module.register_forward_pre_hook(_bind_index(self._pre_block, block.index)))
             self._handles.append(module.register_forward_hook(_bind_index(self._post_block, block.index), always_call=True))
@@ -218,6 +225,18 @@ class Streamer:
                 target = _view(self._arena, t.offset, t.dtype, (numel,))[start:start + count]
                 target.copy_(raw[run.dest_offset:run.dest_offset + run.nbytes].view(t.record.dtype))
 
+    def _replace_plan(self, plan: StreamPlan) -> None:
+        """Switch to ``plan`` (same model and checkpoint): free, re-lay, load again."""
+        if [b.resident for b in plan.blocks] == [b.resident for b in self.plan.blocks] and \
+                plan.prefetch == self.plan.prefetch:
+            self.plan = plan  # same layout: keep what is loaded, take the new figures
+            return
+        self._free()
+        self.plan = plan
+        self._runs = {b.index: coalesce((t.record, t.offset) for t in b.tensors) for b in plan.streamed}
+        self._order = [i for i in self._exec_order if not plan.blocks[i].resident]
+        self.load()
+
     def _out_of_memory(self) -> DeviceMemoryError:
         plan, mib = self.plan, 2**20
         free = self.ops.free_bytes()
@@ -270,6 +289,9 @@ class Streamer:
             self._depth += 1
             if self._depth == 1:
                 self.load()
+                if self._on_calibrated is not None and self._timer is None:
+                    modules = dict(self.model.named_modules())
+                    self._timer = BlockTimer([modules[b.path] for b in self.plan.blocks], self.device)
                 self._call, self._call_start = CallStats(), time.perf_counter()
                 self._observed = []
                 if not self._wrapped:
@@ -310,14 +332,25 @@ class Streamer:
         self._calls += 1
         if not self._learned and self._observed:
             seen = list(dict.fromkeys(self._observed))
-            self._order = seen + [i for i in self._order if i not in seen]
+            self._exec_order = seen + [i for i in self._exec_order if i not in seen]
+            self._order = [i for i in self._exec_order if not self.plan.blocks[i].resident]
             self._learned = True
+        if self._timer is not None:
+            timer, self._timer = self._timer, None
+            on_calibrated, self._on_calibrated = self._on_calibrated, None
+            plan = on_calibrated(timer.finish(call.stall_seconds))
+            if plan is not None:
+                self._replace_plan(plan)
         if self._in_session and self._loaded:
             self._cursor, self._wrapped = 0, True
             self._prefetch()
 
     @torch.compiler.disable
     def _pre_block(self, index: int, module: nn.Module, args: tuple) -> None:
+        if self.plan.blocks[index].resident:
+            if not self._learned and self._depth and self._owner == threading.get_ident():
+                self._observed.append(index)
+            return
         if self._depth == 0 or self._owner != threading.get_ident():
             # A submodule holding the blocks was called directly, not the model.
             self._enter()
@@ -354,6 +387,8 @@ class Streamer:
 
     @torch.compiler.disable
     def _post_block(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
+        if self.plan.blocks[index].resident:
+            return
         try:
             slot = self._bound.get(index)
             if slot is None:
@@ -376,8 +411,15 @@ class Streamer:
     # -- slots --------------------------------------------------------------------------
 
     def _prefetch(self) -> None:
-        """Fill free slots with the next streamed blocks in execution order."""
-        while self._cursor < len(self._order):
+        """Fill free slots with the next streamed blocks in execution order; inside a
+        session, once this call's blocks are all scheduled, go on with the next call's."""
+        while True:
+            if self._cursor >= len(self._order):
+                if not (self._in_session and self._learned and not self._wrapped and self._depth):
+                    return
+                self._cursor, self._wrapped = 0, True
+                if not self._order:
+                    return
             index = self._order[self._cursor]
             if index not in self._bound and all(s.block != index for s in self._slots):
                 slot = next((s for s in self._slots if s.block is None), None)

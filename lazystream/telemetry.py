@@ -105,3 +105,60 @@ class PeakRssAnon:
     @property
     def growth(self) -> int:
         return self.peak - self.base
+
+
+class BlockTimer:
+    """Times one call of a model: each block's forward and the whole call, and on CUDA
+    the peak device memory its activations took. Used for the calibration call only."""
+
+    def __init__(self, modules: list, device):
+        import time
+
+        import torch
+
+        self._torch, self._time, self.device = torch, time, device
+        self._cuda = device.type == "cuda"
+        self._marks: list[list] = [[None, None] for _ in modules]
+        self._handles = []
+        for i, module in enumerate(modules):
+            self._handles.append(module.register_forward_pre_hook(self._marker(i, 0)))
+            self._handles.append(module.register_forward_hook(self._marker(i, 1), always_call=True))
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(device)  # calibration only: the peak of this call
+            self._base = torch.cuda.memory_allocated(device)
+        self._start = self._now()
+
+    def _now(self):
+        if self._cuda:
+            event = self._torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return self._time.perf_counter()
+
+    def _marker(self, index: int, end: int):
+        def hook(*args):
+            if self._marks[index][end] is None:  # the first run of the block counts
+                self._marks[index][end] = self._now()
+        return hook
+
+    def _seconds(self, start, end) -> float:
+        if start is None or end is None:
+            return 0.0
+        return start.elapsed_time(end) / 1e3 if self._cuda else end - start
+
+    def finish(self, waited_seconds: float):
+        """Remove the hooks; return a probe.Calibration. ``waited_seconds``: time the
+        call spent waiting for streamed bytes, which is not compute."""
+        from .probe import Calibration
+
+        end = self._now()
+        for handle in self._handles:
+            handle.remove()
+        if self._cuda:
+            self._torch.cuda.synchronize(self.device)  # calibration only: read the events
+            activation = self._torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            activation = 0
+        blocks = tuple(self._seconds(s, e) for s, e in self._marks)
+        other = max(0.0, self._seconds(self._start, end) - sum(blocks) - waited_seconds)
+        return Calibration(block_compute=blocks, other_compute=other, activation_bytes=max(activation, 0))

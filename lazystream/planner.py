@@ -1,0 +1,164 @@
+"""Choosing the plan: keep_gpu="auto" fits a memory budget, placement="cost" picks
+the resident blocks by the cost model, and every plan carries its predicted time."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import cost
+from .adapters import ModelFamily
+from .errors import DeviceMemoryError
+from .header import TensorRecord
+from .plan import Budget, Prediction, StreamPlan, build_plan, check_args, match_tensors
+from .probe import Bandwidth, Calibration
+
+# Before the first call measured them, activations are assumed to take this share of
+# the budget; the plan is redone with the measured figure after that call.
+PROVISIONAL_ACTIVATION_SHARE = 0.10
+# Held back from the free device memory when no max_gpu_memory is given: allocator
+# fragmentation, library workspaces (cuBLAS) and other users of the device.
+FREE_MEMORY_RESERVE_SHARE = 0.05
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``6442450944``, ``"6GiB"``, ``"6.5 GB"`` → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value)) if isinstance(value, str) else None
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a byte count such as 6442450944 or '6GiB', got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """Everything the user asked for, validated; the planner turns it into a plan."""
+
+    keep_gpu: int | str
+    placement: str
+    prefetch: int
+    max_gpu_memory: int | None = None
+    activation_reserve: int | None = None
+
+    @classmethod
+    def of(cls, keep_gpu, placement, prefetch, max_gpu_memory=None, activation_reserve=None) -> PlanRequest:
+        check_args(keep_gpu, placement, prefetch)
+        return cls(keep_gpu, placement, prefetch,
+                   None if max_gpu_memory is None else parse_bytes(max_gpu_memory),
+                   None if activation_reserve is None else parse_bytes(activation_reserve))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.placement == "cost" or (self.keep_gpu == "auto" and self.activation_reserve is None)
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of ``device`` (for the CPU: MemAvailable), counting what this process's
+    allocator holds unused."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot tell the free memory of this machine; pass max_gpu_memory=")
+
+
+def timing_of(plan: StreamPlan, bandwidth: Bandwidth, calibration: Calibration | None) -> cost.Timing:
+    rate = bandwidth.stream(torch.device(plan.device).type)
+    compute = calibration.block_compute if calibration else (0.0,) * len(plan.blocks)
+    return cost.Timing(block_compute=tuple(compute), block_transfer=tuple(b.nbytes / rate for b in plan.blocks),
+                       other_compute=calibration.other_compute if calibration else 0.0)
+
+
+def predict(plan: StreamPlan, bandwidth: Bandwidth, calibration: Calibration | None) -> Prediction:
+    timing = timing_of(plan, bandwidth, calibration)
+    resident = {b.index for b in plan.blocks if b.resident}
+    compute = sum(timing.block_compute) + timing.other_compute
+    transfer = sum(t for i, t in enumerate(timing.block_transfer) if i not in resident)
+    bound = "compute" if transfer <= compute else bandwidth.bound(torch.device(plan.device).type)
+    return Prediction(seconds=cost.simulate(timing, resident, plan.slots or 1), compute_seconds=compute,
+                      transfer_seconds=transfer, bound=bound, calibrated=calibration is not None)
+
+
+def make_plan(
+    request: PlanRequest,
+    build: Callable[..., StreamPlan],
+    *,
+    device: torch.device,
+    bandwidth: Bandwidth,
+    calibration: Calibration | None,
+) -> StreamPlan:
+    """The plan for ``request``. ``build(keep_gpu=, placement=, prefetch=, resident=)``
+    lays out one candidate (plan.build_plan with the model's arguments bound).
+
+    Raises:
+        DeviceMemoryError: keep_gpu="auto" and not even keep_gpu=0 fits the budget.
+    """
+    def candidate(keep: int, prefetch: int) -> StreamPlan:
+        plan = build(keep_gpu=keep, placement=request.placement, prefetch=prefetch)
+        if request.placement == "cost":
+            timing = timing_of(plan, bandwidth, calibration)
+            bytes_ = [b.nbytes for b in plan.blocks]
+            resident = cost.cheapest_resident_set(timing, keep, prefetch, bytes_)
+            plan = build(keep_gpu=keep, placement="cost", prefetch=prefetch, resident=resident)
+        return dataclasses.replace(plan, prediction=predict(plan, bandwidth, calibration))
+
+    if request.keep_gpu != "auto":
+        return candidate(request.keep_gpu, request.prefetch)
+
+    budget, source = request.max_gpu_memory, "max_gpu_memory"
+    if budget is None:
+        budget = int(free_device_bytes(device) * (1 - FREE_MEMORY_RESERVE_SHARE))
+        source = f"free {device.type} memory less {FREE_MEMORY_RESERVE_SHARE:.0%}"
+    if request.activation_reserve is not None:
+        activation, how = request.activation_reserve, "activation_reserve"
+    elif calibration is not None:
+        activation, how = calibration.activation_bytes, "measured on the first call"
+    else:
+        activation = int(budget * PROVISIONAL_ACTIVATION_SHARE)
+        how = f"{PROVISIONAL_ACTIVATION_SHARE:.0%} until the first call measures it"
+    limit = budget - activation
+    fitting = []
+    for prefetch in sorted({request.prefetch, 1}, reverse=True):
+        # The most resident blocks that fit, found with plain layouts (cheap), then laid
+        # out by the placement (which may pick larger blocks: step down until it fits).
+        keep = next((k for k in range(len(build(keep_gpu=0, placement="first", prefetch=prefetch).blocks), -1, -1)
+                     if build(keep_gpu=k, placement="first", prefetch=prefetch).device_bytes <= limit), None)
+        while keep is not None and keep >= 0:
+            plan = candidate(keep, prefetch)
+            if plan.device_bytes <= limit:
+                fitting.append(plan)
+                break
+            keep -= 1
+    if fitting:
+        # More slots or one more resident block: whichever the cost model predicts faster.
+        best = min(fitting, key=lambda p: p.prediction.seconds)
+        return dataclasses.replace(best, budget=Budget(budget, activation, f"budget: {source}; activations: {how}"))
+    mib = 2**20
+    raise DeviceMemoryError(
+        f"keep_gpu='auto': even keep_gpu=0 with prefetch=1 needs {candidate(0, 1).device_bytes / mib:.1f} MiB, but "
+        f"the budget leaves {limit / mib:.1f} MiB ({budget / mib:.1f} MiB, {source}, less {activation / mib:.1f} MiB "
+        f"for activations); raise max_gpu_memory or free device memory"
+    )
+
+
+def plan_builder(model: nn.Module, records: Mapping[str, TensorRecord], block_paths: Sequence[str], *,
+                 dtype: torch.dtype, family: ModelFamily, device: torch.device) -> Callable[..., StreamPlan]:
+    matched = match_tensors(model, records, block_paths)  # once: it warns of unused tensors
+
+    def build(*, keep_gpu: int, placement: str, prefetch: int, resident: set[int] | None = None) -> StreamPlan:
+        return build_plan(model, records, block_paths, keep_gpu=keep_gpu, placement=placement, prefetch=prefetch,
+                          dtype=dtype, family=family, device=device, resident=resident, matched=matched)
+
+    return build

@@ -1,0 +1,139 @@
+"""Bandwidth probe and calibration, measured once and cached per machine.
+
+The probe measures what bounds streaming: host memcpy from the page cache (what a
+read of a cached shard costs), storage reads, and on CUDA pinned host-to-device
+copies. A calibration is one real call of the model with every block timed; it is
+cached per machine, checkpoint, dtype and device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+PROBE_BYTES = 64 * 2**20
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LAZYSTREAM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lazystream"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Bytes per second of each path a streamed byte can take."""
+
+    memcpy: float  # page cache / host memory -> host buffer
+    read: float  # storage -> host (the checkpoint's shards, as cached or not)
+    h2d: float | None  # pinned host -> device (CUDA only)
+
+    def stream(self, device_type: str) -> float:
+        """Bytes per second a streamed block moves at: the slowest stage."""
+        stages = [self.memcpy, self.read] + ([self.h2d] if device_type == "cuda" and self.h2d else [])
+        return min(stages)
+
+    def bound(self, device_type: str) -> str:
+        if device_type == "cuda" and self.h2d and self.h2d <= min(self.memcpy, self.read):
+            return "pcie"
+        return "disk" if self.read < 0.9 * self.memcpy else "memcpy"
+
+
+def _median_rate(fn, nbytes: int, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return nbytes / max(statistics.median(times), 1e-9)
+
+
+def measure_bandwidth(device: torch.device, shard: Path | None = None) -> Bandwidth:
+    """Measure the probe (about a second). ``shard``: a file to time reads of."""
+    src = torch.randint(0, 255, (PROBE_BYTES,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    memcpy = _median_rate(lambda: dst.copy_(src), PROBE_BYTES)
+    read = memcpy
+    if shard is not None and shard.stat().st_size >= 2**20:
+        # The path streamed bytes take: a copy out of the shard's mapping (page cache, or
+        # the disk where the pages are not cached).
+        import numpy as np
+
+        size = min(shard.stat().st_size, PROBE_BYTES)
+        mapped = torch.from_numpy(np.memmap(shard, dtype=np.uint8, mode="c", shape=(size,)))
+        read = _median_rate(lambda: dst[:size].copy_(mapped), size, repeat=3)
+    h2d = None
+    if device.type == "cuda":
+        pinned = src.pin_memory()
+        on_device = torch.empty(PROBE_BYTES, dtype=torch.uint8, device=device)
+
+        def copy() -> None:
+            on_device.copy_(pinned, non_blocking=True)
+            torch.cuda.synchronize(device)  # a probe, not the hot path: time the whole copy
+
+        h2d = _median_rate(copy, PROBE_BYTES)
+    return Bandwidth(memcpy=memcpy, read=read, h2d=h2d)
+
+
+def bandwidth(device: torch.device, shard: Path | None = None, *, refresh: bool = False) -> Bandwidth:
+    """The cached probe for this machine and device, measured on first use."""
+    key = _machine_key(device) + ("-" + hashlib.sha1(str(shard.parent).encode()).hexdigest()[:8] if shard else "")
+    path = cache_dir() / "probe" / f"{key}.json"
+    if not refresh and path.is_file():
+        try:
+            return Bandwidth(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            pass  # an unreadable cache is measured again
+    result = measure_bandwidth(device, shard)
+    _write_json(path, asdict(result))
+    return result
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured on one real call: seconds per block (registration order), outside the
+    blocks, and the device memory the call's activations took."""
+
+    block_compute: tuple[float, ...]
+    other_compute: float
+    activation_bytes: int
+
+
+def calibration_path(device: torch.device, checkpoint_id: str, dtype: torch.dtype) -> Path:
+    digest = hashlib.sha1(f"{checkpoint_id}|{dtype}".encode()).hexdigest()[:16]
+    return cache_dir() / "calibration" / f"{_machine_key(device)}-{digest}.json"
+
+
+def load_calibration(path: Path) -> Calibration | None:
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+        return Calibration(tuple(obj["block_compute"]), obj["other_compute"], obj["activation_bytes"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def save_calibration(path: Path, calibration: Calibration) -> None:
+    _write_json(path, asdict(calibration))
+
+
+def _machine_key(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    raw = f"{platform.node()}|{name}|{device.type}"
+    return f"{device.type}-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one

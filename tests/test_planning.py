@@ -1,0 +1,253 @@
+"""keep_gpu="auto", placement="cost", the cost model, the probe and `lazystream plan`."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import Qwen3ForCausalLM
+
+from lazystream import LazyStreamModel, streamer_of
+from lazystream.cli import main as cli_main
+from lazystream.cost import Timing, cheapest_resident_set, first, simulate, spread
+from lazystream.errors import DeviceMemoryError
+from lazystream.planner import PlanRequest, make_plan, parse_bytes
+from lazystream.probe import Bandwidth, Calibration, cache_dir
+from lazystream.synthetic import build_qwen3
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    path = build_qwen3(tmp_path_factory.mktemp("qwen3"), {"num_hidden_layers": LAYERS}, max_shard_size="60KB")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = Qwen3ForCausalLM.from_pretrained(path).eval()(ids).logits
+    return path, ids, want
+
+
+# -- the cost model ---------------------------------------------------------------------
+
+
+def test_simulate_limits():
+    t = Timing(block_compute=(1.0,) * 4, block_transfer=(2.0,) * 4)
+    assert simulate(t, set(range(4)), 2) == pytest.approx(4.0)  # all resident: compute only
+    zero = Timing(block_compute=(0.0,) * 4, block_transfer=(2.0,) * 4)
+    assert simulate(zero, set(), 2, session=False) == pytest.approx(8.0)  # one copy engine
+    # Transfer hidden behind compute when the copy is shorter and slots allow overlap.
+    hidden = Timing(block_compute=(3.0,) * 4, block_transfer=(1.0,) * 4)
+    assert simulate(hidden, set(), 2) == pytest.approx(12.0)
+    assert simulate(hidden, set(), 2, session=False) == pytest.approx(13.0)  # the first fetch shows
+    # One slot: a copy waits for the previous streamed block to finish computing.
+    assert simulate(hidden, set(), 1, session=False) > simulate(hidden, set(), 2, session=False)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_cost_placement_never_predicted_slower_than_first_or_spread(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 16)
+    timing = Timing(block_compute=tuple(rng.uniform(0, 3) for _ in range(n)),
+                    block_transfer=tuple(rng.uniform(0, 5) for _ in range(n)),
+                    other_compute=rng.uniform(0, 2))
+    keep, prefetch = rng.randint(0, n), rng.randint(1, 3)
+    session = rng.random() < 0.5
+    chosen = cheapest_resident_set(timing, keep, prefetch, [1] * n, session=session)
+    assert len(chosen) == keep
+    best = simulate(timing, chosen, prefetch, session=session)
+    assert best <= simulate(timing, first(n, keep), prefetch, session=session) + 1e-9
+    assert best <= simulate(timing, spread(n, keep), prefetch, session=session) + 1e-9
+
+
+def test_cost_placement_keeps_the_blocks_whose_transfer_nothing_hides():
+    # Blocks 0-2 compute long, block 3 computes nothing: streaming 3 can hide behind 0-2,
+    # streaming 0 cannot hide behind anything at the start of a call.
+    timing = Timing(block_compute=(5.0, 5.0, 5.0, 0.0), block_transfer=(4.0,) * 4)
+    chosen = cheapest_resident_set(timing, 1, 2, [1] * 4, session=False)
+    assert chosen == {0}
+
+
+@pytest.mark.parametrize("text, value", [(123, 123), ("6GiB", 6 * 2**30), ("1.5 GB", 1_500_000_000),
+                                         ("512MiB", 512 * 2**20), ("10", 10)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["6 gigs", "-1", -5, True, None, "GiB"])
+def test_parse_bytes_refuses(bad):
+    with pytest.raises(ValueError, match="expected a byte count"):
+        parse_bytes(bad)
+
+
+# -- keep_gpu="auto" ----------------------------------------------------------------
+
+
+def _builder(path):
+    from lazystream.adapters import build_skeleton, family_of, model_class
+    from lazystream.checkpoint import Checkpoint
+    from lazystream.planner import plan_builder
+
+    ckpt = Checkpoint.open(path)
+    model = build_skeleton(model_class(ckpt.config, path), ckpt.config, torch.float32)
+    from lazystream.adapters import find_blocks
+
+    return plan_builder(model, ckpt, find_blocks(model), dtype=torch.float32,
+                        family=family_of(model, torch.float32), device=torch.device("cpu")), ckpt
+
+
+PROBE = Bandwidth(memcpy=5e9, read=4e9, h2d=None)
+
+
+@pytest.mark.parametrize("budget_kib", [350, 450, 600, 800, 1200])
+@pytest.mark.parametrize("placement", ["spread", "cost"])
+def test_auto_never_exceeds_the_budget(qwen3, budget_kib, placement):
+    build, ckpt = _builder(qwen3[0])
+    request = PlanRequest.of("auto", placement, 2, budget_kib * 1024, 20 * 1024)
+    calibration = Calibration((0.001,) * LAYERS, 0.0005, 0)
+    plan = make_plan(request, build, device=torch.device("cpu"), bandwidth=PROBE, calibration=calibration)
+    assert plan.device_bytes + plan.budget.activation_bytes <= budget_kib * 1024
+    # And it is the most that fits: one more resident block would not, with as many slots.
+    if plan.keep_gpu < LAYERS:
+        bigger = build(keep_gpu=plan.keep_gpu + 1, placement="spread", prefetch=plan.prefetch)
+        assert bigger.device_bytes + 20 * 1024 > budget_kib * 1024
+    ckpt.close()
+
+
+def test_auto_plan_is_deterministic_for_a_probe_result(qwen3):
+    build, ckpt = _builder(qwen3[0])
+    request = PlanRequest.of("auto", "cost", 2, "700KiB", "10KiB")
+    calibration = Calibration(tuple(0.001 * (i + 1) for i in range(LAYERS)), 0.002, 0)
+    plans = [make_plan(request, build, device=torch.device("cpu"), bandwidth=PROBE, calibration=calibration)
+             for _ in range(3)]
+    assert plans[0] == plans[1] == plans[2]
+    ckpt.close()
+
+
+def test_auto_too_small_a_budget(qwen3):
+    with pytest.raises(DeviceMemoryError, match=r"keep_gpu='auto': even keep_gpu=0 with prefetch=1 needs [\d.]+ MiB, "
+                                                r"but the budget leaves"):
+        LazyStreamModel.from_pretrained(qwen3[0], "auto", max_gpu_memory="100KiB", activation_reserve=0)
+
+
+def test_auto_loads_within_budget_and_gives_equal_outputs(qwen3):
+    path, ids, want = qwen3
+    model = LazyStreamModel.from_pretrained(path, "auto", max_gpu_memory="600KiB", activation_reserve="16KiB")
+    streamer = streamer_of(model)
+    plan = streamer.plan
+    assert 0 < plan.keep_gpu < LAYERS
+    assert streamer.stats().device_bytes == plan.device_bytes <= 600 * 1024 - 16 * 1024
+    assert "budget 0.6 MiB, of which 0.0 MiB held for activations (budget: max_gpu_memory; " \
+           "activations: activation_reserve)" in str(plan)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    streamer.close()
+
+
+def test_first_call_calibrates_then_the_cache_is_used(qwen3):
+    path, ids, want = qwen3
+    model = LazyStreamModel.from_pretrained(path, "auto", max_gpu_memory="600KiB", placement="cost")
+    streamer = streamer_of(model)
+    assert "10% until the first call measures it" in str(streamer.plan)
+    assert streamer._on_calibrated is not None
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)  # the calibration call
+        assert streamer._on_calibrated is None
+        assert "measured on the first call" in str(streamer.plan)
+        assert streamer.plan.prediction.calibrated
+        assert torch.equal(model(ids).logits, want)  # under the calibrated plan
+    assert streamer.stats().device_bytes == streamer.plan.device_bytes
+    streamer.close()
+    assert list((cache_dir() / "calibration").glob("*.json"))
+    again = LazyStreamModel.from_pretrained(path, "auto", max_gpu_memory="600KiB", placement="cost")
+    assert streamer_of(again)._on_calibrated is None  # cached
+    assert streamer_of(again).plan == streamer.plan
+    streamer_of(again).close()
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 2, 5])
+def test_cost_placement_outputs_equal(qwen3, keep_gpu):
+    path, ids, want = qwen3
+    model = LazyStreamModel.from_pretrained(path, keep_gpu, placement="cost")
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(ids).logits, want)
+    assert sum(b.resident for b in streamer_of(model).plan.blocks) == keep_gpu
+    streamer_of(model).close()
+
+
+# -- lazystream plan ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep_gpu", ["0", "3", str(LAYERS)])
+@pytest.mark.parametrize("prefetch", ["1", "2"])
+def test_plan_command_matches_the_runtime_allocations(qwen3, capsys, keep_gpu, prefetch):
+    path = qwen3[0]
+    assert cli_main(["plan", str(path), "--keep-gpu", keep_gpu, "--prefetch", prefetch, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    model = LazyStreamModel.from_pretrained(path, int(keep_gpu), prefetch=int(prefetch))
+    streamer = streamer_of(model)
+    assert printed["device_bytes"] == streamer.stats().device_bytes == streamer.plan.device_bytes
+    assert [b["resident"] for b in printed["blocks"]] == [b.resident for b in streamer.plan.blocks]
+    assert printed["prediction"]["bound"] in {"compute", "pcie", "disk", "memcpy"}
+    streamer.close()
+
+
+def test_plan_command_table(qwen3, capsys):
+    assert cli_main(["plan", str(qwen3[0]), "--vram", "700KiB", "--activation-reserve", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen3ForCausalLM: 6 blocks" in out and "model.layers.5" in out
+    assert "budget 0.7 MiB" in out and "predicted" in out and "bound by" in out
+
+
+def test_plan_command_reads_only_headers(qwen3, capsys, monkeypatch):
+    from lazystream.checkpoint import Checkpoint
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("plan read tensor bytes")
+
+    monkeypatch.setattr(Checkpoint, "read_into", no_reads)
+    monkeypatch.setattr(Checkpoint, "copy_run", no_reads)
+    monkeypatch.setattr(Checkpoint, "tensor", no_reads)
+    assert cli_main(["plan", str(qwen3[0]), "--keep-gpu", "2"]) == 0
+
+
+def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3, capsys, monkeypatch, tmp_path):
+    """A repo id that is neither a folder nor cached: headers by range requests, config by download."""
+    import huggingface_hub
+
+    from lazystream.header import read_header
+
+    path = qwen3[0]
+    files = sorted(p.name for p in path.iterdir())
+
+    class Api:
+        def list_repo_files(self, repo, revision=None):
+            return files
+
+    def download(repo, filename, revision=None, **kwargs):
+        return str(path / filename)
+
+    def parse(repo, filename, revision=None):
+        header = read_header(path / filename)
+
+        class Info:
+            def __init__(self, rec):
+                self.dtype = next(k for k, v in __import__("lazystream.header", fromlist=["DTYPES"]).DTYPES.items()
+                                  if v == rec.dtype)
+                self.shape = list(rec.shape)
+                self.data_offsets = (rec.offset - header.data_start, rec.offset - header.data_start + rec.nbytes)
+
+        return type("Meta", (), {"tensors": {r.name: Info(r) for r in header.records}})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", parse)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert cli_main(["plan", "someone/qwen3-tiny", "--keep-gpu", "2", "--json"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert cli_main(["plan", str(path), "--keep-gpu", "2", "--json"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert remote["device_bytes"] == local["device_bytes"]
+    assert remote["blocks"] == local["blocks"]
