@@ -272,10 +272,13 @@ class Streamer:
         @functools.wraps(forward)
         def streamed_forward(*args, **kwargs):
             self._enter()
+            completed = False
             try:
-                return forward(*args, **kwargs)
+                out = forward(*args, **kwargs)
+                completed = True
+                return out
             finally:
-                self._exit()
+                self._exit(completed)
 
         return streamed_forward
 
@@ -304,11 +307,11 @@ class Streamer:
             raise
 
     @torch.compiler.disable
-    def _exit(self) -> None:
+    def _exit(self, completed: bool = True) -> None:
         try:
             if self._depth == 1:
                 self._release_bound()
-                self._end_call()
+                self._end_call(completed)
         finally:
             self._depth -= 1
             if self._depth == 0:
@@ -324,7 +327,7 @@ class Streamer:
             slot.free_after = self.ops.compute_done()
         self._bound.clear()
 
-    def _end_call(self) -> None:
+    def _end_call(self, completed: bool) -> None:
         call, self._call = self._call, None
         call.seconds = time.perf_counter() - self._call_start
         self._last = call
@@ -337,10 +340,12 @@ class Streamer:
             self._learned = True
         if self._timer is not None:
             timer, self._timer = self._timer, None
-            on_calibrated, self._on_calibrated = self._on_calibrated, None
-            plan = on_calibrated(timer.finish(call.stall_seconds))
-            if plan is not None:
-                self._replace_plan(plan)
+            calibration = timer.finish(call.stall_seconds)
+            if completed:  # a call that failed part-way times only part of the blocks
+                on_calibrated, self._on_calibrated = self._on_calibrated, None
+                plan = on_calibrated(calibration)
+                if plan is not None:
+                    self._replace_plan(plan)
         if self._in_session and self._loaded:
             self._cursor, self._wrapped = 0, True
             self._prefetch()

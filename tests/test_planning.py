@@ -251,3 +251,17 @@ def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3
     local = json.loads(capsys.readouterr().out)
     assert remote["device_bytes"] == local["device_bytes"]
     assert remote["blocks"] == local["blocks"]
+
+
+def test_a_failed_first_call_does_not_calibrate(qwen3, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAZYSTREAM_CACHE", str(tmp_path))  # no calibration cached yet
+    path, ids, want = qwen3
+    model = LazyStreamModel.from_pretrained(path, "auto", max_gpu_memory="600KiB", placement="cost")
+    streamer = streamer_of(model)
+    with torch.no_grad(), pytest.raises(IndexError):
+        model(torch.full((1, 3), 10_000))  # token ids past the vocabulary
+    assert streamer._on_calibrated is not None and not list(tmp_path.glob("calibration/*.json"))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    assert streamer._on_calibrated is None and list(tmp_path.glob("calibration/*.json"))
+    streamer.close()
