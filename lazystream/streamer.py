@@ -35,7 +35,6 @@ class _Slot:
     block: int | None = None  # block whose bytes are in the slot (or on their way)
     ticket: Ticket | None = None
     users: int = 0  # forwards of that block running now
-    prefetched: bool = False
     free_after: object = None  # device marker: the last compute that read the slot
 
 
@@ -98,12 +97,11 @@ class Streamer:
         # Exception, and a KeyboardInterrupt must release the lock and the slots too.
         model.forward = self._wrap_forward(model.forward)
         self._block_calls: list[tuple[int, int]] = []  # blocks called outside a root call
-        self._handles = []
         modules = dict(model.named_modules())
         for block in plan.blocks:  # all of them: a new plan may stream any
             module = modules[block.path]
-            self._handles.append(module.register_forward_pre_hook(_bind_index(self._pre_block, block.index)))
-            self._handles.append(module.register_forward_hook(_bind_index(self._post_block, block.index), always_call=True))
+            module.register_forward_pre_hook(_bind_index(self._pre_block, block.index))
+            module.register_forward_hook(_bind_index(self._post_block, block.index), always_call=True)
 
     # -- public -------------------------------------------------------------------------
 
@@ -368,7 +366,7 @@ class Streamer:
         stalled = slot is None
         if slot is None:
             slot = self._take_slot()
-            self._submit(slot, index, prefetched=False)
+            self._submit(slot, index)
         try:
             waited = slot.ticket.wait()
         except BaseException:
@@ -430,7 +428,7 @@ class Streamer:
                 slot = next((s for s in self._slots if s.block is None), None)
                 if slot is None:
                     return
-                self._submit(slot, index, prefetched=True)
+                self._submit(slot, index)
             self._cursor += 1
 
     def _take_slot(self) -> _Slot:
@@ -447,8 +445,8 @@ class Streamer:
             f"{self.plan.prefetch} allows: raise prefetch"
         )
 
-    def _submit(self, slot: _Slot, index: int, *, prefetched: bool) -> None:
-        slot.block, slot.prefetched = index, prefetched
+    def _submit(self, slot: _Slot, index: int) -> None:
+        slot.block = index
         slot.ticket = self.loader.submit(self._runs[index], slot.buffer, after=slot.free_after)
 
     def _bind(self, index: int, slot: _Slot) -> None:
