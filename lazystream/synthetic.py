@@ -257,3 +257,120 @@ def build_zimage(
         max_shard_size=max_shard_size,
         safe_serialization=True,
     )
+
+
+# -- a whole Z-Image pipeline -----------------------------------------------------------------
+
+# Each component's configuration, merged onto its own preset: the transformer's caption width
+# is the text encoder's hidden size, and its latent channels are the VAE's.
+PIPELINE_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    # 1.1M parameters in all. Captions up to 126 tokens (a byte-level tokenizer spends one per
+    # character), images up to 128x128 pixels (a 64x64 latent of 4 channels).
+    "tiny": {
+        "text_encoder": {**SIZES["qwen3"]["tiny"], "vocab_size": 512},
+        "transformer": {**SIZES["zimage"]["tiny"], "cap_feat_dim": 64, "axes_lens": [128, 32, 32]},
+        "vae": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4},
+    },
+    # 0.34B text encoder (Qwen3Model, 24 layers), 0.38B transformer (14 + 4 blocks), 2.4M VAE:
+    # 2.9 GB in float32.
+    "medium": {
+        "text_encoder": SIZES["qwen3"]["medium"],
+        "transformer": SIZES["zimage"]["medium"],
+        "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "norm_num_groups": 32,
+                "latent_channels": 16},
+    },
+    # Z-Image Turbo: Qwen3-4B text encoder (4.0B, 36 layers), the 6.15B transformer, the Flux
+    # VAE (84M): 20.5 GB in bfloat16.
+    "real": {
+        "text_encoder": {**SIZES["qwen3"]["real"], "hidden_size": 2560, "intermediate_size": 9728,
+                         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128},
+        "transformer": SIZES["zimage"]["real"],
+        "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+                "latent_channels": 16},
+    },
+}
+
+# The chat template's parts that ZImagePipeline uses: one user turn, then the assistant's
+# generation prompt (Qwen3 writes an empty think block when thinking is switched off).
+ZIMAGE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def zimage_pipeline_config(size: str = "tiny") -> dict[str, dict[str, Any]]:
+    """Per component (``text_encoder``, ``transformer``, ``vae``) the configuration of a preset."""
+    if size not in PIPELINE_SIZES:
+        raise ValueError(f"unknown Z-Image pipeline size {size!r}; expected one of {sorted(PIPELINE_SIZES)}")
+    return copy.deepcopy(PIPELINE_SIZES[size])
+
+
+def byte_level_tokenizer():
+    """A ``Qwen2Tokenizer`` built offline: one token per byte (no merges), Qwen's special
+    tokens and a Qwen3-style chat template. Token ids stay below 259."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0} | {char: i + 1 for i, char in enumerate(sorted(alphabet))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=ZIMAGE_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def build_zimage_pipeline(
+    path: str | os.PathLike[str],
+    size: str = "tiny",
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: int | str = "200KB",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Path:
+    """Write a random-weight ``ZImagePipeline`` to the folder ``path`` and return it.
+
+    The layout is the real repo's, written by ``ZImagePipeline.save_pretrained``: model_index.json
+    and the subfolders text_encoder (``Qwen3Model``), tokenizer (:func:`byte_level_tokenizer`),
+    transformer (``ZImageTransformer2DModel``), vae (``AutoencoderKL``) and scheduler
+    (``FlowMatchEulerDiscreteScheduler`` with Z-Image Turbo's shift 3). The components are held in
+    RAM together while saving (20.5 GB for "real" in bfloat16). Weight files already in the
+    subfolders are deleted first.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    report = progress or (lambda line: None)
+    config = zimage_pipeline_config(size)
+    vae_config = config["vae"]
+    levels = len(vae_config["block_out_channels"])
+    with init_empty_weights(include_buffers=False):
+        text_encoder = Qwen3Model(Qwen3Config(**config["text_encoder"]))
+        transformer = ZImageTransformer2DModel(**{**config["transformer"], "in_channels": vae_config["latent_channels"]})
+        vae = AutoencoderKL(
+            **vae_config,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    for offset, (name, model) in enumerate((("text_encoder", text_encoder), ("transformer", transformer), ("vae", vae))):
+        numel = _fill_random(model, dtype, seed + offset)
+        report(f"{name}: {numel / 1e6:.2f}M parameters, {numel * dtype.itemsize / 2**20:,.1f} MiB")
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=byte_level_tokenizer(),
+        transformer=transformer,
+    )
+    out = Path(path)
+    for sub in ("text_encoder", "transformer", "vae"):
+        for file in [*(out / sub).glob("*.safetensors"), *(out / sub).glob("*.safetensors.index.json")]:
+            file.unlink()
+    pipe.save_pretrained(out, max_shard_size=max_shard_size)
+    report(f"ZImagePipeline ({size}, {dtype}) saved to {out}")
+    return out
