@@ -74,7 +74,7 @@ class LazyStreamPipeline:
                 lazystream plans it), e.g. ``{"transformer": 22, "text_encoder": 20}``.
                 Each component must be a transformers or diffusers model.
             device: default CUDA when available, else CPU.
-            dtype: the dtype of every component (``torch_dtype`` of diffusers); default
+            dtype: the dtype of every component (``dtype`` of diffusers); default
                 each checkpoint's own.
             pipeline_cls: default the class model_index.json names.
             phases: the components whose calls begin a phase, in the order the pipeline
@@ -117,7 +117,7 @@ class LazyStreamPipeline:
         order = _phase_order(phases, pipeline_cls, index, repo_or_path)
         device = _resolve_device(device)
 
-        dtype_kwargs = {} if dtype is None else {"torch_dtype": dtype}
+        dtype_kwargs = {} if dtype is None else {"dtype": dtype}
         pipe = pipeline_cls.from_pretrained(repo_or_path, **{name: None for name in names}, variant=variant,
                                             **dtype_kwargs, **hub, **pipeline_kwargs)
         for component in pipe.components.values():

@@ -59,6 +59,17 @@ def test_images_equal_the_library_pipeline(zimage_pipeline, keep_gpu, call):
     phases_of(pipe).close()
 
 
+def test_dtype_casts_like_the_library_pipeline(zimage_pipeline):
+    """A float32 checkpoint run in bfloat16: the VAE by diffusers, the streamed components on the device."""
+    path, _ = zimage_pipeline
+    ref = ZImagePipeline.from_pretrained(path, dtype=torch.bfloat16)
+    pipe = load(path, {"transformer": 3, "text_encoder": 1}, dtype=torch.bfloat16)
+    assert pipe.vae.dtype == pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    got = generate(pipe, "guidance")
+    assert got.dtype == torch.bfloat16 and torch.equal(got, generate(ref, "guidance"))
+    phases_of(pipe).close()
+
+
 def test_streamed_components_take_turns_on_the_device(zimage_pipeline):
     path, _ = zimage_pipeline
     pipe = load(path, {"transformer": 3, "text_encoder": 1})
