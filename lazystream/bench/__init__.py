@@ -1,0 +1,1 @@
+"""Benchmarks of lazystream against the other offloaders (lazystream bench)."""
