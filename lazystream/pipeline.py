@@ -181,7 +181,15 @@ class Phases:
     changed; :meth:`close` restores it.
 
     ``streamers`` maps each streamed component to its :class:`~lazystream.Streamer`;
-    ``last_call`` lists the phases of the latest pipeline call.
+    ``order`` names the components that begin a phase; ``last_call`` lists the phases of
+    the latest pipeline call; ``device`` is where the components run.
+
+    Example:
+        >>> phases = phases_of(pipe)
+        >>> image = pipe("a lighthouse at dawn", num_inference_steps=9, guidance_scale=0.0).images[0]
+        >>> print(phases)            # per phase: calls, time, switch time, device bytes held
+        >>> phases.unload()          # free the device between images
+        >>> phases.close()
     """
 
     def __init__(self, pipe: DiffusionPipeline, streamed: Mapping[str, nn.Module], order: Sequence[str],

@@ -271,7 +271,7 @@ PIPELINE_SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "transformer": {**SIZES["zimage"]["tiny"], "cap_feat_dim": 64, "axes_lens": [128, 32, 32]},
         "vae": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4},
     },
-    # 0.34B text encoder (Qwen3Model, 24 layers), 0.38B transformer (14 + 4 blocks), 2.4M VAE:
+    # 335M text encoder (Qwen3Model, 24 layers), 377M transformer (14 + 4 blocks), 3.9M VAE:
     # 2.9 GB in float32.
     "medium": {
         "text_encoder": SIZES["qwen3"]["medium"],

@@ -4,10 +4,11 @@ offloading methods, one process per method, in one run.
     python tools/bench_pipeline.py [--size medium] [--device cpu] [--images 3] [--steps 3] [--threads 1] [--json out.json]
 
 Builds (once, under /tmp) a random-weight ZImagePipeline of the --size preset of
-lazystream.synthetic.PIPELINE_SIZES (medium: 2.7 GB in float32, real: 20.5 GB in bfloat16),
+lazystream.synthetic.PIPELINE_SIZES (medium: 2.9 GB in float32, real: 20.5 GB in bfloat16),
 then for each method loads it in a fresh process, generates one warm-up image and --images
 timed ones (one prompt, no guidance, as Z-Image Turbo runs), and reports the median time
-per image, the load time, the peak growth of anonymous host RSS over load and images, and
+per image and per transformer call (the warm-up's left out; a phase's first call includes
+its switch), the load time, the peak growth of anonymous host RSS over load and images, and
 the device memory: on CUDA the allocator's peak; on the CPU device lazystream's own account
 (largest phase of the streamed components plus the other components' bytes), and nothing
 for the peers, whose "device" is the host memory they share with everything else.
@@ -72,6 +73,15 @@ with PeakRssAnon() as rss:
     load = time.perf_counter() - start
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
+    steps_s, step_start = [], []
+    def step_begins(*_):
+        sync()
+        step_start.append(time.perf_counter())
+    def step_ends(*_):
+        sync()
+        steps_s.append(time.perf_counter() - step_start[-1])
+    pipe.transformer.register_forward_pre_hook(step_begins)
+    pipe.transformer.register_forward_hook(step_ends)
     times = []
     for i in range(images + 1):
         start = time.perf_counter()
@@ -81,7 +91,7 @@ with PeakRssAnon() as rss:
         sync()
         times.append(time.perf_counter() - start)
 out = {"method": method, "load_s": load, "image_s": times[1:], "median_s": statistics.median(times[1:]),
-       "host_anon_peak_growth": rss.growth}
+       "step_median_s": statistics.median(steps_s[steps:]), "host_anon_peak_growth": rss.growth}
 if cuda:
     out["device_peak"] = torch.cuda.max_memory_allocated(dev)
 elif method.startswith("lazystream"):
@@ -116,17 +126,17 @@ def table(results: list[dict], keep: tuple[int, int]) -> str:
     names = {"lazystream_share": f"lazystream keep_gpu={{text_encoder: {keep[0]}, transformer: {keep[1]}}}",
              "lazystream_0": "lazystream keep_gpu=0 for both"}
     base = next((r["median_s"] for r in results if r["method"] == "resident" and "error" not in r), None)
-    lines = ["| method | s per image, median (range) | × resident | load s | host anon peak MiB | device peak MiB |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | s per image, median (range) | × resident | transformer s per step | load s | "
+             "host anon peak MiB | device peak MiB |", "|---|---|---|---|---|---|---|"]
     for r in results:
         name = names.get(r["method"], f"`{r['method']}`")
         if "error" in r:
-            lines.append(f"| {name} | fails: {r['error']} | | | | |")
+            lines.append(f"| {name} | fails: {r['error']} | | | | | |")
             continue
         ratio = f"{r['median_s'] / base:.2f}" if base else "—"
         device = f"{r['device_peak'] / mib:.0f}" if "device_peak" in r else "—"
         lines.append(f"| {name} | {r['median_s']:.2f} ({min(r['image_s']):.2f}–{max(r['image_s']):.2f}) | {ratio} | "
-                     f"{r['load_s']:.2f} | {r['host_anon_peak_growth'] / mib:.0f} | {device} |")
+                     f"{r['step_median_s']:.2f} | {r['load_s']:.2f} | {r['host_anon_peak_growth'] / mib:.0f} | {device} |")
     return "\n".join(lines)
 
 
