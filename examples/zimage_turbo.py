@@ -13,7 +13,8 @@ on it peak at the transformer's phase (bfloat16, default prefetch=2):
 
 so about 8.9 GB of weights at most, plus activations (the VAE decode at 1024x1024 is the
 largest; ``pipe.vae.enable_tiling()`` bounds it), against 20.5 GB resident. Each of the 9
-steps streams the 12 other blocks (4.3 GB). Lower --keep-transformer on a smaller card.
+steps streams the 12 other blocks (4.3 GB). Lower --keep-transformer on a smaller card, or
+pass "auto" to both to keep as many as fit the free device memory.
 The printed phases say what each phase held and how long its switch took.
 """
 
@@ -28,12 +29,17 @@ from lazystream.pipeline import LazyStreamPipeline, phases_of
 REPO = "Tongyi-MAI/Z-Image-Turbo"
 
 
+def keep(value: str) -> int | str:
+    """A keep_gpu value: a block count or "auto"."""
+    return value if value == "auto" else int(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt")
     parser.add_argument("--repo", default=REPO, help="hub id or local folder of a ZImagePipeline")
-    parser.add_argument("--keep-transformer", type=int, default=22, help="transformer blocks resident (of 34)")
-    parser.add_argument("--keep-text-encoder", type=int, default=20, help="text-encoder layers resident (of 36)")
+    parser.add_argument("--keep-transformer", type=keep, default=22, help="transformer blocks resident (of 34), or auto")
+    parser.add_argument("--keep-text-encoder", type=keep, default=20, help="text-encoder layers resident (of 36), or auto")
     parser.add_argument("--size", type=int, default=1024, help="height and width in pixels (a multiple of 16)")
     parser.add_argument("--steps", type=int, default=9, help="denoising steps (the model card uses 9)")
     parser.add_argument("--seed", type=int, default=42)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .io import IOConfig
-from .model import LazyStreamModel, streamer_of
+from .model import LazyStreamModel, resolve_device, streamer_of
 from .plan import check_args
 from .streamer import Streamer
 
@@ -54,6 +54,8 @@ class LazyStreamPipeline:
         placement: str = "spread",
         prefetch: int = 2,
         io: IOConfig | None = None,
+        max_gpu_memory: int | str | None = None,
+        activation_reserve: int | str | None = None,
         variant: str | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -70,9 +72,9 @@ class LazyStreamPipeline:
 
         Args:
             repo_or_path: a local folder or a Hugging Face repo id holding model_index.json.
-            keep_gpu: component name -> blocks kept resident (an int, or "auto" where
-                lazystream plans it), e.g. ``{"transformer": 22, "text_encoder": 20}``.
-                Each component must be a transformers or diffusers model.
+            keep_gpu: component name -> blocks kept resident, an int or "auto", e.g.
+                ``{"transformer": 22, "text_encoder": 20}``. Each component must be a
+                transformers or diffusers model.
             device: default CUDA when available, else CPU.
             dtype: the dtype of every component (``dtype`` of diffusers); default
                 each checkpoint's own.
@@ -82,6 +84,11 @@ class LazyStreamPipeline:
                 them (a ControlNet called at every step) runs inside the current phase.
             placement, prefetch, io: as in :meth:`LazyStreamModel.from_pretrained`, for
                 every streamed component.
+            max_gpu_memory, activation_reserve: the budget of each "auto" component, as
+                in :meth:`LazyStreamModel.from_pretrained`. Phases do not overlap, so each
+                component gets the whole budget; the default (the free device memory)
+                is read as the component loads, with the small components on the
+                device and the other streamed ones unloaded.
             variant, revision, cache_dir, local_files_only, token: as in ``from_pretrained``
                 of diffusers.
             pipeline_kwargs: passed on to ``pipeline_cls.from_pretrained`` (a component
@@ -115,7 +122,7 @@ class LazyStreamPipeline:
             pipeline_cls = _pipeline_class(index, repo_or_path)
         classes = {name: _component_class(index, name, repo_or_path) for name in names}
         order = _phase_order(phases, pipeline_cls, index, repo_or_path)
-        device = _resolve_device(device)
+        device = resolve_device(device)
 
         dtype_kwargs = {} if dtype is None else {"dtype": dtype}
         pipe = pipeline_cls.from_pretrained(repo_or_path, **{name: None for name in names}, variant=variant,
@@ -132,7 +139,8 @@ class LazyStreamPipeline:
             for name in sorted(names, key=lambda n: n == first):
                 streamed[name] = LazyStreamModel.from_pretrained(
                     repo_or_path, keep_gpu[name], device=device, dtype=dtype, subfolder=name, variant=variant,
-                    model_cls=classes[name], placement=placement, prefetch=prefetch, io=io, **hub)
+                    model_cls=classes[name], placement=placement, prefetch=prefetch, io=io,
+                    max_gpu_memory=max_gpu_memory, activation_reserve=activation_reserve, **hub)
                 if name != first:
                     streamer_of(streamed[name]).unload()
                     if device.type == "cuda":
@@ -420,11 +428,3 @@ def _phase_order(phases: Sequence[str] | None, cls: type[DiffusionPipeline], ind
     if isinstance(phases, str) or not all(isinstance(name, str) and name in index for name in phases):
         raise ValueError(f"phases must be a list of component names of {repo}, got {phases!r}")
     return list(phases)
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device rule of LazyStreamModel.from_pretrained, fixed once for every component."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device

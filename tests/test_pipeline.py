@@ -59,6 +59,17 @@ def test_images_equal_the_library_pipeline(zimage_pipeline, keep_gpu, call):
     phases_of(pipe).close()
 
 
+def test_auto_fits_each_phase_in_the_whole_budget(zimage_pipeline):
+    path, want = zimage_pipeline
+    budget = 2 * 2**20  # less than the transformer (3.3 MiB), more than the text encoder (0.7 MiB)
+    pipe = load(path, {"transformer": "auto", "text_encoder": "auto"}, max_gpu_memory=budget, activation_reserve=0)
+    plans = {name: s.plan for name, s in phases_of(pipe).streamers.items()}
+    assert plans["transformer"].streamed and not plans["text_encoder"].streamed
+    assert all(plan.device_bytes <= budget for plan in plans.values())
+    assert torch.equal(generate(pipe, "two prompts"), want["two prompts"])
+    phases_of(pipe).close()
+
+
 def test_dtype_casts_like_the_library_pipeline(zimage_pipeline):
     """A float32 checkpoint run in bfloat16: the VAE by diffusers, the streamed components on the device."""
     path, _ = zimage_pipeline
