@@ -3,10 +3,11 @@
 A pipeline runs in phases: the text encoder, then the denoiser for every step, then the
 VAE. Each phase begins at the first call of its component after another phase's; it
 unloads every other streamed component before its own loads, so the device holds one
-phase's memory at a time, and the pipeline call ends the last phase. A streamed component's phase spans a session of its streamer,
-so the end of each denoising step prefetches the first streamed blocks of the next; the
-session ends before the call that, by the component's previous phase, is the last one, so
-no prefetch is wasted at the switch.
+phase's memory at a time, and the end of the pipeline call ends the last phase. A
+streamed component's phase spans a session of its streamer, so the end of each denoising
+step prefetches the first streamed blocks of the next; the session ends before the call
+that, by the component's previous phase, is the last one, so no prefetch is wasted at
+the switch.
 """
 
 from __future__ import annotations
