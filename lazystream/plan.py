@@ -17,11 +17,14 @@ from .header import TensorRecord
 
 PLACEMENTS = ("first", "spread", "cost")
 
-# Offsets of tensors inside a buffer: a run of tensors adjacent in their file keeps its
-# file layout (so one copy moves it) as long as every tensor stays ALIGN-aligned;
-# otherwise the next tensor starts at a fresh RUN_ALIGN boundary.
-ALIGN = 16
-RUN_ALIGN = 256
+# Where a tensor starts decides which kernels run on it (MKL and cuBLAS choose by
+# pointer alignment), and so its last bits: outputs equal the library loader's only if
+# each tensor is aligned as that loader's would be. On the CPU its tensors are views of
+# the mapped file: a tensor's offset in a buffer is kept congruent to its file offset
+# modulo MAP_ALIGN (torch's CPU allocations are MAP_ALIGN-aligned), which also keeps a
+# run of file-adjacent tensors contiguous, one copy. On CUDA each of its tensors is an
+# allocation of its own: each starts at a GRANULE.
+MAP_ALIGN = 64
 # Every buffer is sized in whole units of the CUDA caching allocator's granule, so the
 # plan's bytes are what torch.cuda.memory_allocated() reports for buffers of the small
 # pool; a large buffer can take up to 1 MiB more (a block is not split for less).
@@ -124,7 +127,7 @@ class StreamPlan:
         resident blocks (each tensor counted with the most alignment padding it can get)."""
         resident = choose_resident(len(self.blocks), keep_gpu, self.placement)
         streamed = [b for b in self.blocks if b.index not in resident]
-        pad = [RUN_ALIGN * len(b.tensors) + GRANULE for b in self.blocks]
+        pad = [GRANULE * (len(b.tensors) + 1) for b in self.blocks]
         outside = self.resident_bytes - sum(b.resident_nbytes for b in self.blocks if b.resident)
         return (outside + self.kept_bytes + sum(self.blocks[i].resident_nbytes + pad[i] for i in resident)
                 + min(self.prefetch, len(streamed)) * max((b.nbytes + pad[b.index] for b in streamed), default=0)
@@ -229,10 +232,10 @@ def build_plan(
     def placements(names: list[str], cast: bool) -> tuple[list[TensorPlacement], int, int]:
         recs = sorted((records[n] for n in names), key=lambda r: (str(r.file), r.offset))
         targets = {r.name: family.target_dtype(r.name, r.dtype, dtype) for r in recs}
-        offsets, size = _layout(recs)
+        offsets, size = _layout(recs, device.type)
         cast_recs = [r for r in recs if targets[r.name] != r.dtype] if cast else []
         cast_sizes = [r.nbytes // r.dtype.itemsize * targets[r.name].itemsize for r in cast_recs]
-        cast_offsets, cast_size = _layout_sizes(cast_sizes)
+        cast_offsets, cast_size = _layout_sizes(cast_sizes, device.type)
         cast_at = {r.name: o for r, o in zip(cast_recs, cast_offsets)}
         out = [TensorPlacement(r.name, r, o, targets[r.name], cast_at.get(r.name)) for r, o in zip(recs, offsets)]
         return out, size, cast_size
@@ -253,9 +256,9 @@ def build_plan(
     res_targets = [family.target_dtype(r.name, r.dtype, dtype) for r in res_recs]
     if any(t != r.dtype for t, r in zip(res_targets, res_recs)):
         sizes = [r.nbytes // r.dtype.itemsize * t.itemsize for r, t in zip(res_recs, res_targets)]
-        res_offsets, res_size = _layout_sizes(sizes)
+        res_offsets, res_size = _layout_sizes(sizes, device.type)
     else:
-        res_offsets, res_size = _layout(res_recs)
+        res_offsets, res_size = _layout(res_recs, device.type)
     resident = tuple(TensorPlacement(r.name, r, o, t) for r, o, t in zip(res_recs, res_offsets, res_targets))
 
     streamed = [b for b in blocks if not b.resident]
@@ -270,7 +273,7 @@ def build_plan(
         resident_bytes=res_size,
         kept_bytes=kept_bytes,
         checkpoint_buffers=tuple(buffer_names),
-        slot_bytes=max((_layout([t.record for t in b.tensors])[1] for b in streamed), default=0),
+        slot_bytes=max((_layout([t.record for t in b.tensors], device.type)[1] for b in streamed), default=0),
         scratch_bytes=max((b.cast_bytes for b in streamed), default=0),
     )
 
@@ -338,24 +341,30 @@ def _owning_block(names: list[str], block_paths: Sequence[str]) -> str | None:
     return None
 
 
-def _layout(records: Sequence[TensorRecord]) -> tuple[list[int], int]:
-    """Offsets for ``records`` (in file order) that keep file-adjacent runs contiguous."""
+def _layout(records: Sequence[TensorRecord], device_type: str) -> tuple[list[int], int]:
+    """Offsets for ``records`` (in file order) aligned as the library's loader aligns
+    them on ``device_type`` (see MAP_ALIGN); the buffer's size."""
     offsets, end, prev = [], 0, None
     for rec in records:
-        contiguous = prev is not None and prev.file == rec.file and prev.offset + prev.nbytes == rec.offset
-        if not (contiguous and end % ALIGN == 0):
-            end = _round_up(end, RUN_ALIGN)
+        if device_type == "cuda":
+            end = _round_up(end, GRANULE)
+        elif not (prev is not None and prev.file == rec.file and prev.offset + prev.nbytes == rec.offset):
+            end = _round_up(end, MAP_ALIGN) + rec.offset % MAP_ALIGN
+        if end % rec.dtype.itemsize:  # a misaligned file offset: a typed view needs alignment
+            end = _round_up(end, MAP_ALIGN)
         offsets.append(end)
         end += rec.nbytes
         prev = rec
     return offsets, _round_up(end, GRANULE)
 
 
-def _layout_sizes(sizes: Sequence[int]) -> tuple[list[int], int]:
+def _layout_sizes(sizes: Sequence[int], device_type: str) -> tuple[list[int], int]:
+    """Offsets for fresh tensors of ``sizes`` bytes, aligned as fresh allocations are."""
+    align = GRANULE if device_type == "cuda" else MAP_ALIGN
     offsets, end = [], 0
     for size in sizes:
         offsets.append(end)
-        end = _round_up(end + size, RUN_ALIGN)
+        end = _round_up(end + size, align)
     return offsets, _round_up(end, GRANULE)
 
 

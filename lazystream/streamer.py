@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint, CopyRun, coalesce
 from .devices import device_ops
 from .errors import ClosedError, DeviceMemoryError
 from .io import IOConfig, Loader, Ticket
-from .plan import GRANULE, RUN_ALIGN, BlockPlan, StreamPlan, TensorPlacement, _round_up
+from .plan import GRANULE, MAP_ALIGN, BlockPlan, StreamPlan, TensorPlacement, _round_up
 from .probe import Calibration
 from .telemetry import BlockTimer, CallStats, Stats
 
@@ -213,7 +213,7 @@ class Streamer:
             for t, start, count in pieces:
                 size = t.record.dtype.itemsize
                 runs.append(CopyRun(t.record.file, t.record.offset + start * size, end, count * size))
-                end = _round_up(end + count * size, RUN_ALIGN)
+                end = _round_up(end + count * size, MAP_ALIGN)
             raw = self.ops.empty(end)
             ticket = self.loader.submit(runs, raw, after=self.ops.compute_done())
             ticket.wait()

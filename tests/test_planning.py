@@ -214,7 +214,8 @@ def test_plan_command_reads_only_headers(qwen3, capsys, monkeypatch):
 
 
 def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3, capsys, monkeypatch, tmp_path):
-    """A repo id that is neither a folder nor cached: headers by range requests, config by download."""
+    """A repo id that is neither a folder nor cached: headers by range requests, config by download
+    (device bytes exact to within alignment padding)."""
     import huggingface_hub
 
     from lazystream.header import read_header
@@ -249,7 +250,10 @@ def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3
     remote = json.loads(capsys.readouterr().out)
     assert cli_main(["plan", str(path), "--keep-gpu", "2", "--json"]) == 0
     local = json.loads(capsys.readouterr().out)
-    assert remote["device_bytes"] == local["device_bytes"]
+    # The hub's header API gives offsets inside the data section, not the header's length,
+    # so alignment padding may differ by up to MAP_ALIGN per tensor.
+    n_tensors = 3 + 11 * LAYERS
+    assert abs(remote["device_bytes"] - local["device_bytes"]) <= 64 * n_tensors + 512 * 4
     assert remote["blocks"] == local["blocks"]
 
 

@@ -355,3 +355,17 @@ def test_resident_casts_go_through_a_bounded_buffer(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
     streamer_of(model).close()
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 3, ZIMAGE_BLOCKS])
+def test_single_row_matmuls_equal_too(zimage, keep_gpu):
+    """With one sample, Z-Image's adaLN matmuls have one row, where MKL picks its kernel by
+    the weight's address alignment: buffers must align tensors as the mapped file does."""
+    path = zimage[0]
+    inputs = zimage_inputs(zimage_config(), sizes=((16, 16),), cap_lens=(7,))
+    with torch.no_grad():
+        want = ZImageTransformer2DModel.from_pretrained(path).eval()(*inputs).sample
+    model = LazyStreamModel.from_pretrained(path, keep_gpu)
+    with torch.no_grad():
+        assert_all_equal(model(*inputs).sample, want)
+    streamer_of(model).close()
