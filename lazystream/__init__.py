@@ -6,6 +6,7 @@ from .errors import LazyStreamError
 from .header import TensorRecord
 from .io import IOConfig
 from .model import LazyStreamModel, attach, streamer_of
+from .pipeline import LazyStreamPipeline, Phases, phases_of
 from .plan import StreamPlan
 from .streamer import Streamer
 from .telemetry import Stats
@@ -15,10 +16,13 @@ __all__ = [
     "IOConfig",
     "LazyStreamError",
     "LazyStreamModel",
+    "LazyStreamPipeline",
+    "Phases",
     "Stats",
     "StreamPlan",
     "Streamer",
     "TensorRecord",
     "attach",
+    "phases_of",
     "streamer_of",
 ]

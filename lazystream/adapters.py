@@ -5,7 +5,8 @@ which dtype each loaded tensor gets. The streamer knows none of this."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import BlocksNotFoundError, CheckpointNotFoundError, UnknownModelClassError
+from .header import TensorRecord
 
 
 @dataclass(frozen=True)
@@ -187,3 +189,21 @@ def find_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> 
             "no module list of like modules); pass blocks='path.to.module_list'"
         )
     return best
+
+
+def match_prefix(model: nn.Module, records: Mapping[str, TensorRecord]) -> Mapping[str, TensorRecord]:
+    """The records under the names ``model`` uses, adding or removing its
+    ``base_model_prefix`` as transformers does: a checkpoint of ``Qwen3ForCausalLM``
+    ("model.layers.0...") loads into ``Qwen3Model`` ("layers.0..."), and back."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return records
+    expected = [name for name, _ in model.named_parameters()]
+    model_has = any(n.startswith(prefix + ".") for n in expected)
+    checkpoint_has = any(n.startswith(prefix + ".") for n in records)
+    if checkpoint_has and not model_has:
+        renamed = {n: n[len(prefix) + 1:] if n.startswith(prefix + ".") else n for n in records}
+        return {renamed[n]: dataclasses.replace(r, name=renamed[n]) for n, r in records.items()}
+    if model_has and not checkpoint_has:
+        return {f"{prefix}.{n}": dataclasses.replace(r, name=f"{prefix}.{n}") for n, r in records.items()}
+    return records

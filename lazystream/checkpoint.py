@@ -258,7 +258,10 @@ class Checkpoint(Mapping[str, TensorRecord]):
 
         The view stays valid after :meth:`close`; writing to it changes only private pages.
         """
-        rec = self._records[name]
+        return self.view(self._records[name])
+
+    def view(self, rec: TensorRecord) -> torch.Tensor:
+        """A zero-copy CPU view of the bytes ``rec`` describes (see :meth:`tensor`)."""
         shard = self.shard(rec.file)
         shard.check_unchanged()
         if rec.nbytes == 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import build_skeleton, family_of, find_blocks, model_class, require_config
+from .adapters import build_skeleton, family_of, find_blocks, match_prefix, model_class, require_config
 from .checkpoint import Checkpoint
 from .header import TensorRecord
 from .errors import OtherOffloaderError
@@ -46,6 +46,7 @@ class LazyStreamModel:
         io: IOConfig | None = None,
         max_gpu_memory: int | str | None = None,
         activation_reserve: int | str | None = None,
+        load: bool = True,
     ) -> nn.Module:
         """Load a transformers or diffusers model with ``keep_gpu`` blocks resident on
         the device and every other block streamed from the safetensors shards.
@@ -70,6 +71,8 @@ class LazyStreamModel:
                 "6GiB"; default the free device memory less 5%.
             activation_reserve: device memory keep_gpu="auto" leaves for activations;
                 default measured on the first call (until then 10% of the budget).
+            load: fill the resident set now (default); else at the first call or
+                ``streamer_of(model).load()`` — for components that run later.
 
         Returns:
             An instance of the model's own class. ``lazystream.streamer_of(model)`` gives
@@ -95,7 +98,7 @@ class LazyStreamModel:
             dtype = dtype or checkpoint_dtype(ckpt)
             model = build_skeleton(cls, config, dtype)
             _attach(model, ckpt, request, device=device, dtype=dtype, blocks=blocks, io=io, owns_checkpoint=True,
-                    built_here=True)
+                    built_here=True, load=load)
         except BaseException:
             ckpt.close()
             raise
@@ -171,7 +174,7 @@ def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], reque
     that re-plans with its result. ``measure``: run the bandwidth probe (cached per
     machine; ``shard`` is a local file to time reads of) even where the plan does not
     need it, for its predicted time."""
-    build = plan_builder(model, records, find_blocks(model, blocks), dtype=dtype,
+    build = plan_builder(model, match_prefix(model, records), find_blocks(model, blocks), dtype=dtype,
                          family=family_of(model, dtype, built_here=built_here), device=device)
     if not (measure or request.keep_gpu == "auto" or request.placement == "cost"):
         return build(keep_gpu=request.keep_gpu, placement=request.placement, prefetch=request.prefetch), None
@@ -195,7 +198,7 @@ def checkpoint_id(ckpt: Checkpoint) -> str:
 
 
 def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, owns_checkpoint,
-            built_here=False) -> None:
+            built_here=False, load=True) -> None:
     _refuse_other_offloaders(model)
     plan, on_calibrated = make_model_plan(model, ckpt, request, device=resolve_device(device), dtype=dtype,
                                           blocks=blocks, built_here=built_here, measure=False,
@@ -203,7 +206,8 @@ def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, own
     streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint,
                         on_calibrated=on_calibrated)
     try:
-        streamer.load()
+        if load:
+            streamer.load()
     except BaseException:
         streamer.close()
         raise

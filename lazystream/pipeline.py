@@ -132,8 +132,8 @@ class LazyStreamPipeline:
             if isinstance(component, nn.Module):
                 component.to(device)
 
-        # The first phase's component is loaded last and stays loaded; the others are
-        # unloaded as soon as they are built, so loading never holds two at once.
+        # Only the first phase's component fills its resident set now; the others load
+        # when their phase starts, so loading never holds two at once.
         first = next((name for name in order if name in names), None)
         streamed: dict[str, nn.Module] = {}
         try:
@@ -141,11 +141,7 @@ class LazyStreamPipeline:
                 streamed[name] = LazyStreamModel.from_pretrained(
                     repo_or_path, keep_gpu[name], device=device, dtype=dtype, subfolder=name, variant=variant,
                     model_cls=classes[name], placement=placement, prefetch=prefetch, io=io,
-                    max_gpu_memory=max_gpu_memory, activation_reserve=activation_reserve, **hub)
-                if name != first:
-                    streamer_of(streamed[name]).unload()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()  # a later component's "auto" plan reads the free memory
+                    max_gpu_memory=max_gpu_memory, activation_reserve=activation_reserve, load=name == first, **hub)
             pipe.register_modules(**streamed)
             Phases(pipe, streamed, order, device)
         except BaseException:

@@ -99,7 +99,7 @@ class StreamPlan:
     resident_tensors: tuple[TensorPlacement, ...]  # non-block tensors and resident blocks'
     resident_bytes: int  # the resident arena
     kept_bytes: int  # buffers and checkpoint-less parameters, moved to the device as they are
-    checkpoint_buffers: tuple[str, ...]  # buffers whose values the checkpoint holds
+    checkpoint_buffers: tuple[TensorRecord, ...]  # buffers whose values the checkpoint holds
     slot_bytes: int
     scratch_bytes: int  # converted tensors of the streamed block in use
     prediction: Prediction | None = None
@@ -272,7 +272,7 @@ def build_plan(
         resident_tensors=resident,
         resident_bytes=res_size,
         kept_bytes=kept_bytes,
-        checkpoint_buffers=tuple(buffer_names),
+        checkpoint_buffers=tuple(records[n] for n in buffer_names),
         slot_bytes=max((_layout([t.record for t in b.tensors], device.type)[1] for b in streamed), default=0),
         scratch_bytes=max((b.cast_bytes for b in streamed), default=0),
     )
@@ -320,7 +320,7 @@ def match_tensors(
             buffers.append(stored)
     if missing:
         raise MissingTensorsError(
-            f"{len(missing)} parameter(s) of {type(model).__name__} are in no shard: {missing[:10]}"
+            f"{len(missing)} tensor(s) of {type(model).__name__} are in no shard: {missing[:10]}"
             + (" ..." if len(missing) > 10 else "")
             + "; the checkpoint is incomplete or for another model",
             tensor=missing[0],

@@ -188,13 +188,13 @@ class Streamer:
             t.name: nn.Parameter(_view(self._arena, t.offset, t.dtype, t.record.shape), self._meta[t.name].requires_grad)
             for t in plan.resident_tensors
         })
-        stored = set(self.plan.checkpoint_buffers)
+        stored = {rec.name: rec for rec in self.plan.checkpoint_buffers}
         moved: dict[int, torch.Tensor] = {}  # keeps a tensor shared by two modules shared
         for (module, leaf), (name, home) in self._home.items():
             value = moved.get(id(home))
             if value is None:
                 if name in stored:
-                    value = self.ckpt.tensor(name).to(self.device, dtype=home.dtype, copy=True)
+                    value = self.ckpt.view(stored[name]).to(self.device, dtype=home.dtype, copy=True)
                 else:
                     value = home.to(self.device, copy=True)
                 if isinstance(home, nn.Parameter):

@@ -114,7 +114,7 @@ def test_missing_tensors_are_listed(qwen3, device_allocations):
     for name in gone:
         del index["weight_map"][name]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(MissingTensorsError, match=r"2 parameter\(s\) of Qwen3ForCausalLM are in no shard") as err:
+    with pytest.raises(MissingTensorsError, match=r"2 tensor\(s\) of Qwen3ForCausalLM are in no shard") as err:
         LazyStreamModel.from_pretrained(qwen3, 1)
     assert all(name in str(err.value) for name in gone)
     assert device_allocations == []

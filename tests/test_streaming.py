@@ -8,8 +8,8 @@ from diffusers import ZImageTransformer2DModel
 from transformers import Qwen3ForCausalLM
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
-from lazystream import IOConfig, LazyStreamModel, streamer_of
-from lazystream.errors import ClosedError
+from lazystream import IOConfig, LazyStreamModel, attach, streamer_of
+from lazystream.errors import ClosedError, MissingTensorsError
 from lazystream.synthetic import build_qwen3, build_zimage, qwen3_config, zimage_config, zimage_inputs
 
 QWEN_LAYERS = 4
@@ -369,3 +369,41 @@ def test_single_row_matmuls_equal_too(zimage, keep_gpu):
     with torch.no_grad():
         assert_all_equal(model(*inputs).sample, want)
     streamer_of(model).close()
+
+
+def test_base_model_prefix_added_or_removed_as_transformers_does(qwen3, tmp_path):
+    """A Qwen3ForCausalLM checkpoint ("model.layers...") loads into Qwen3Model ("layers...")
+    and a Qwen3Model checkpoint into Qwen3ForCausalLM's base, as transformers loads them."""
+    from transformers import Qwen3Model
+
+    path, ids, _, _ = qwen3
+    ref = Qwen3Model.from_pretrained(path).eval()
+    with pytest.warns(UserWarning, match=r"not used by Qwen3Model: \['lm_head.weight'\]"):
+        model = LazyStreamModel.from_pretrained(path, 1, model_cls=Qwen3Model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).last_hidden_state, ref(ids).last_hidden_state)
+    streamer_of(model).close()
+
+    ref.save_pretrained(tmp_path / "base", max_shard_size="60KB")
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on meta, buffers real
+        full = Qwen3ForCausalLM(ref.config)
+    with pytest.raises(MissingTensorsError, match=r"1 tensor\(s\) of Qwen3ForCausalLM are in no shard: "
+                                                  r"\['lm_head.weight'\]"):  # every other name matched
+        attach(full, tmp_path / "base", 1)
+    base = LazyStreamModel.from_pretrained(tmp_path / "base", 1)  # config names Qwen3Model
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, ref(ids).last_hidden_state)
+    streamer_of(base).close()
+
+
+def test_load_false_defers_device_memory_to_the_first_call(qwen3):
+    path, ids, want, _ = qwen3
+    model = LazyStreamModel.from_pretrained(path, 2, load=False)
+    streamer = streamer_of(model)
+    assert streamer.stats().device_bytes == 0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    assert streamer.stats().device_bytes == streamer.plan.device_bytes
+    streamer.close()
