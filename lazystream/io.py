@@ -68,13 +68,15 @@ class IOConfig:
 
     def __post_init__(self) -> None:
         if self.staging_bytes < DIRECT_ALIGN or self.staging_buffers < 1:
-            raise ValueError(f"staging needs >= 1 buffer of >= {DIRECT_ALIGN} bytes, got {self.staging_buffers} x {self.staging_bytes}")
+            raise ValueError(f"staging needs >= 1 buffer of >= {DIRECT_ALIGN} bytes, "
+                             f"got {self.staging_buffers} x {self.staging_bytes}")
         if self.mode not in MODES:
             raise ValueError(f"IOConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.read_threads < 1:
             raise ValueError(f"IOConfig.read_threads must be >= 1, got {self.read_threads}")
         if self.mode == "direct" and self.staged is False:
-            raise ValueError("IOConfig(mode='direct') reads into the aligned staging ring: leave staged at None or set True")
+            raise ValueError("IOConfig(mode='direct') reads into the aligned staging ring: "
+                             "leave staged at None or set True")
 
 
 @dataclass
@@ -185,7 +187,8 @@ class Loader:
             self.ops.host_waits_for(in_flight)
             self._reader.read(reads, buf)
             for p in places:
-                self.ops.copy_in(dest[p.dest_offset:p.dest_offset + p.nbytes], buf[p.buf_offset:p.buf_offset + p.nbytes])
+                target = dest[p.dest_offset:p.dest_offset + p.nbytes]
+                self.ops.copy_in(target, buf[p.buf_offset:p.buf_offset + p.nbytes])
             ring[index] = (buf, self.ops.copy_done())
         ticket.ready = self.ops.copy_done()
 
@@ -401,7 +404,8 @@ class DirectReader:
             got = os.preadv(self._fds[path], [into], offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL or not self._direct[path]:
-                raise OSError(exc.errno, f"reading {len(into)} bytes at offset {offset}: {exc.strerror}", str(path)) from None
+                what = f"reading {len(into)} bytes at offset {offset}: {exc.strerror}"
+                raise OSError(exc.errno, what, str(path)) from None
             # The filesystem opened the file with O_DIRECT but refuses the read itself.
             self._reopen_buffered(path)
             got = os.preadv(self._fds[path], [into], offset)

@@ -98,7 +98,8 @@ def odd_checkpoint(tmp_path_factory) -> Path:
     weight_map = {}
     for i, shard in enumerate(sizes):
         name = f"model-{i + 1:05d}-of-{len(sizes):05d}.safetensors"
-        tensors = {f"t{i}_{j}": torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for j, n in enumerate(shard)}
+        tensors = {f"t{i}_{j}": torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+                   for j, n in enumerate(shard)}
         save_file(tensors, folder / name)
         weight_map.update(dict.fromkeys(tensors, name))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
