@@ -59,10 +59,12 @@ def table(rows: Sequence[dict]) -> str:
             continue
         device = f"{r['device_peak_bytes'] / MIB:.0f}" + ("" if r["device_bytes_measured"] else "*")
         cold = f" (cached {r['cached_before_call']:.0%})" if "cached_before_call" in r else ""
+        processes = r.get("process_medians_s")
+        spread = f" [{len(processes)} processes: {', '.join(_ms(m) for m in processes)}]" if processes else ""
         diff = r.get("max_abs_diff")
         lines.append(
             f"| {r['label']}{cold} | {r['load_s']:.2f} | {r['first_call_s']:.2f} | {_ms(r['median_s'])} "
-            f"({_ms(min(r['forward_s']))}–{_ms(max(r['forward_s']))}) | {_opt(r.get('x_resident'))} | "
+            f"({_ms(min(r['forward_s']))}–{_ms(max(r['forward_s']))}){spread} | {_opt(r.get('x_resident'))} | "
             f"{_opt(r.get('x_floor'))} | {device} | {r['host_anon_peak_bytes'] / MIB:.0f} | "
             f"{r['pinned_peak_bytes'] / MIB:.0f} | {r['streamed_bytes'] / MIB:.0f} | {r['effective_gb_per_s']:.2f} | "
             f"{_opt(r.get('copy_gb_per_s'))} | {'—' if diff is None else f'{diff:.3g}'} | "
