@@ -23,3 +23,18 @@ def lazystream_cache(tmp_path_factory: pytest.TempPathFactory):
         del os.environ["LAZYSTREAM_CACHE"]
     else:
         os.environ["LAZYSTREAM_CACHE"] = previous
+
+
+def qwen3_with_logits(folder, seq_len: int, seed: int):
+    """A tiny sharded Qwen3 checkpoint in ``folder``, input ids of shape (2, seq_len), and
+    the logits the library's own loader gives for them."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from lazystream.synthetic import build_qwen3
+
+    path = build_qwen3(folder, max_shard_size="60KB")
+    ids = torch.randint(0, 256, (2, seq_len), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = Qwen3ForCausalLM.from_pretrained(path).eval()(ids).logits
+    return path, ids, logits

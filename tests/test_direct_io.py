@@ -12,11 +12,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import qwen3_with_logits
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from transformers import Qwen3ForCausalLM
 
 from lazystream import Checkpoint, IOConfig, LazyStreamModel, streamer_of
 from lazystream.bench.pagecache import cached_fraction, evict
@@ -24,7 +24,6 @@ from lazystream.checkpoint import CopyRun, coalesce
 from lazystream.devices import HostDevice
 from lazystream.errors import ShardChangedError
 from lazystream.io import DIRECT_ALIGN, Loader, _direct_segments
-from lazystream.synthetic import build_qwen3
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -265,11 +264,7 @@ def test_bad_config_is_refused(kwargs, match):
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
-    path = build_qwen3(tmp_path_factory.mktemp("qwen3-direct"), max_shard_size="60KB")
-    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logits = Qwen3ForCausalLM.from_pretrained(path).eval()(ids).logits
-    return path, ids, logits
+    return qwen3_with_logits(tmp_path_factory.mktemp("qwen3-direct"), 11, seed=1)
 
 
 @pytest.mark.parametrize("keep_gpu, io", [

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import qwen3_with_logits
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3ForCausalLM
@@ -34,11 +35,7 @@ from lazystream.synthetic import build_qwen3, build_zimage
 
 @pytest.fixture(scope="module")
 def ref_qwen3(tmp_path_factory):
-    path = build_qwen3(tmp_path_factory.mktemp("ref"), max_shard_size="60KB")
-    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        want = Qwen3ForCausalLM.from_pretrained(path).eval()(ids).logits
-    return path, ids, want
+    return qwen3_with_logits(tmp_path_factory.mktemp("ref"), 9, seed=5)
 
 
 @pytest.fixture
