@@ -131,3 +131,16 @@ class ShardChangedError(LazyStreamError, RuntimeError):
 
 class ClosedError(LazyStreamError, RuntimeError):
     """The object was closed; nothing can be read through it any more."""
+
+
+# -- using a streamed model -----------------------------------------------------------
+
+
+class UnsupportedOperationError(LazyStreamError, RuntimeError):
+    """Something done to a streamed model that streaming cannot honour; raised before
+    anything changed, with what to do instead."""
+
+
+class ReadOnlyWeightError(UnsupportedOperationError):
+    """An in-place write to a weight lazystream reloads from the checkpoint (a fused LoRA,
+    ``load_state_dict`` into the model, a write to ``param.data``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -176,6 +177,15 @@ def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], reque
     need it, for its predicted time."""
     build = plan_builder(model, match_prefix(model, records), find_blocks(model, blocks), dtype=dtype,
                          family=family_of(model, dtype, built_here=built_here), device=device)
+    return plan_with(build, request, device=device, dtype=dtype, measure=measure, checkpoint_id=checkpoint_id,
+                     shard=shard)
+
+
+def plan_with(build, request: PlanRequest, *, device: torch.device, dtype: torch.dtype, measure: bool,
+              checkpoint_id: str, shard: Path | None, casts: Mapping[str, tuple[torch.dtype, ...]] | None = None):
+    """make_model_plan with the tensors already matched (``build`` from plan_builder), on
+    ``device`` and, after a ``.to()`` of the model, with each tensor's ``casts``."""
+    build = functools.partial(build, on=device, casts=casts, default=dtype)
     if not (measure or request.keep_gpu == "auto" or request.placement == "cost"):
         return build(keep_gpu=request.keep_gpu, placement=request.placement, prefetch=request.prefetch), None
     bw = probe.bandwidth(device, shard)
@@ -200,11 +210,14 @@ def checkpoint_id(ckpt: Checkpoint) -> str:
 def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, owns_checkpoint,
             built_here=False, load=True) -> None:
     _refuse_other_offloaders(model)
-    plan, on_calibrated = make_model_plan(model, ckpt, request, device=resolve_device(device), dtype=dtype,
-                                          blocks=blocks, built_here=built_here, measure=False,
-                                          checkpoint_id=checkpoint_id(ckpt), shard=ckpt.shard_paths[0])
+    device = resolve_device(device)
+    build = plan_builder(model, match_prefix(model, ckpt), find_blocks(model, blocks), dtype=dtype,
+                         family=family_of(model, dtype, built_here=built_here), device=device)
+    replan = functools.partial(plan_with, build, request, measure=False, checkpoint_id=checkpoint_id(ckpt),
+                               shard=ckpt.shard_paths[0])
+    plan, on_calibrated = replan(device=device, dtype=dtype)
     streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint,
-                        on_calibrated=on_calibrated)
+                        on_calibrated=on_calibrated, replan=replan)
     try:
         if load:
             streamer.load()

@@ -157,8 +157,12 @@ def plan_builder(model: nn.Module, records: Mapping[str, TensorRecord], block_pa
                  dtype: torch.dtype, family: ModelFamily, device: torch.device) -> Callable[..., StreamPlan]:
     matched = match_tensors(model, records, block_paths)  # once: it warns of unused tensors
 
-    def build(*, keep_gpu: int, placement: str, prefetch: int, resident: set[int] | None = None) -> StreamPlan:
+    def build(*, keep_gpu: int, placement: str, prefetch: int, resident: set[int] | None = None,
+              on: torch.device = device, casts: Mapping[str, tuple[torch.dtype, ...]] | None = None,
+              default: torch.dtype = dtype) -> StreamPlan:
+        """One layout; ``on``, ``casts`` and ``default`` re-plan after a ``.to()`` of the model
+        (the tensors stay matched as they were at load, whatever modules were added since)."""
         return build_plan(model, records, block_paths, keep_gpu=keep_gpu, placement=placement, prefetch=prefetch,
-                          dtype=dtype, family=family, device=device, resident=resident, matched=matched)
+                          dtype=default, family=family, device=on, resident=resident, matched=matched, casts=casts)
 
     return build

@@ -1,0 +1,144 @@
+"""The model's tensors as the streamer sees them, kept up to date as users change the model.
+
+Each checkpoint tensor has one :class:`~lazystream.weights.CheckpointWeight`, registered
+under every (module, attribute) that holds it (tied weights have several; peft moves a
+``Linear``'s weight under ``base_layer`` without changing the module that holds it). Every
+other parameter and buffer is *kept*: it lives in the model as it is and moves to the device
+at load and back to the host at unload, so adapters and buffers added after load are
+honoured and nothing of theirs is lost across an unload.
+
+Users change a model between calls (peft injects adapter modules, diffusers adds hooks);
+torch's global registration hooks bump a counter on every module, parameter and buffer
+registered anywhere, and the streamer rescans its model when the counter moved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import OtherOffloaderError
+from .weights import CheckpointWeight
+
+# Bumped by torch's global hooks whenever any module registers a module, parameter or
+# buffer: a model whose scan is older than this may have changed.
+_registrations = 0
+
+
+def _count_registration(*args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def _watch_registrations() -> None:
+    if getattr(_watch_registrations, "done", False):
+        return
+    from torch.nn.modules import module as torch_module
+
+    torch_module.register_module_module_registration_hook(_count_registration)
+    torch_module.register_module_parameter_registration_hook(_count_registration)
+    torch_module.register_module_buffer_registration_hook(_count_registration)
+    _watch_registrations.done = True
+
+
+Alias = tuple[nn.Module, str]
+
+
+class ModelTensors:
+    """Where each checkpoint weight is registered, and the model's kept tensors."""
+
+    def __init__(self, model: nn.Module, weights: dict[str, CheckpointWeight]):
+        self.model = model
+        self.weights = weights
+        self._names = {id(w): name for name, w in weights.items()}
+        self.aliases: dict[str, list[Alias]] = {}
+        self.kept: list[torch.Tensor] = []  # each kept tensor once
+        self._modules: list[tuple[str, nn.Module]] = []
+        self._scanned = -1
+        self.stale = False  # an alias no longer held its weight when it was bound
+        _watch_registrations()
+        self.rescan()
+
+    # -- what the model holds ----------------------------------------------------------
+
+    @property
+    def changed(self) -> bool:
+        """The model may have gained or lost modules or tensors since the last scan."""
+        return self.stale or self._scanned != _registrations
+
+    def rescan(self) -> None:
+        aliases: dict[str, list[Alias]] = {name: [] for name in self.weights}
+        kept: dict[int, torch.Tensor] = {}
+        modules: dict[int, tuple[str, nn.Module]] = {}
+        for prefix, module in self.model.named_modules(remove_duplicate=False):
+            modules.setdefault(id(module), (prefix, module))
+            for leaf, tensor in module._parameters.items():
+                name = self._names.get(id(tensor))
+                if name is not None:
+                    aliases[name].append((module, leaf))
+                elif tensor is not None:
+                    kept.setdefault(id(tensor), tensor)
+            for tensor in module._buffers.values():
+                if tensor is not None:
+                    kept.setdefault(id(tensor), tensor)
+        self.aliases = {name: list(dict.fromkeys(found)) for name, found in aliases.items()}
+        self.kept = list(kept.values())
+        self._modules = list(modules.values())
+        self._scanned, self.stale = _registrations, False
+
+    def refuse_other_offloaders(self) -> None:
+        """Raise if accelerate or diffusers hooks were added to any module since load."""
+        for name, module in self._modules:
+            found = module.__dict__
+            if "_hf_hook" in found or getattr(found.get("_diffusers_hook"), "hooks", None):
+                owner = "accelerate (_hf_hook)" if "_hf_hook" in found else "diffusers (_diffusers_hook)"
+                raise OtherOffloaderError(
+                    f"module {name or type(self.model).__name__!r} gained {owner} hooks after lazystream loaded the "
+                    "model (an offloading or layerwise-casting method?); they would fight lazystream over the "
+                    "weights. Remove them, or load the model without lazystream for that workflow",
+                )
+
+    def kept_nbytes(self, granule: int) -> int:
+        return sum(-(-t.nbytes // granule) * granule for t in self.kept)
+
+    # -- during a call -----------------------------------------------------------------
+
+    def bind(self, name: str, tensor: torch.Tensor) -> None:
+        """Register ``tensor`` where the weight ``name`` is, for the call."""
+        weight = self.weights[name]
+        for module, leaf in self.aliases[name]:
+            params = module._parameters
+            if params.get(leaf) is weight:
+                params[leaf] = tensor
+            else:  # replaced behind the registration hooks' back: rescan before the next call
+                self.stale = True
+
+    def unbind(self, name: str, tensor: torch.Tensor) -> None:
+        weight = self.weights[name]
+        for module, leaf in self.aliases[name]:
+            params = module._parameters
+            if params.get(leaf) is tensor:
+                params[leaf] = weight
+
+    # -- between calls -----------------------------------------------------------------
+
+    def move_kept(self, device: torch.device) -> None:
+        """Move every kept tensor to ``device``, keeping each object (as ``Module.to`` does)."""
+        with torch.inference_mode(False), torch.no_grad():
+            for tensor in self.kept:
+                if tensor.device != device:
+                    tensor.data = tensor.data.to(device)
+
+    def apply_to_kept(self, fn) -> None:
+        """Run ``nn.Module._apply(fn)`` on the model with the checkpoint weights hidden, so
+        buffers and adapters change exactly as on the library's model."""
+        hidden = [(module, leaf, module._parameters[leaf]) for found in self.aliases.values()
+                  for module, leaf in found]
+        for module, leaf, _ in hidden:
+            module._parameters[leaf] = None
+        try:
+            type(self.model)._apply(self.model, fn)
+        finally:
+            for module, leaf, weight in hidden:
+                module._parameters[leaf] = weight
+        self.rescan()
