@@ -236,9 +236,8 @@ class Streamer:
                 buffer = self.model.get_buffer(rec.name)
                 buffer.data = self.ckpt.view(rec).to(buffer.dtype, copy=True)
 
-    def _rescan(self) -> None:
+    def _take_in_changes(self) -> None:
         """The model gained or lost modules or tensors (adapters, say): take them in."""
-        self.tensors.rescan()
         if self._loaded:
             self.tensors.move_kept(self.device)
         adapters = sum(_round_up(t.nbytes, GRANULE) for t in self.tensors.kept if isinstance(t, nn.Parameter))
@@ -346,8 +345,8 @@ class Streamer:
             self._check_open()
             if self._depth:
                 raise UnsupportedOperationError("the model was moved or cast from inside its own forward")
-            if self.tensors.changed:
-                self._rescan()
+            if self.tensors.refresh():
+                self._take_in_changes()
             conversion = probe(fn, self._placements(self.plan), self.device, self.plan.dtype)
             if not conversion.changes(self.device, self._placements(self.plan)):
                 self.tensors.apply_to_kept(fn)
@@ -368,7 +367,7 @@ class Streamer:
             self.tensors.apply_to_kept(fn)
             self.tensors.move_kept(torch.device("cpu"))
             self._replace_plan(plan)
-            self._rescan()
+            self._take_in_changes()
             if on_calibrated is not None:
                 self._on_calibrated = on_calibrated
             if loaded:
@@ -414,8 +413,8 @@ class Streamer:
             raise
 
     def _begin_call(self) -> None:
-        if self.tensors.changed:
-            self._rescan()
+        if self.tensors.refresh():
+            self._take_in_changes()
         self.tensors.refuse_other_offloaders()
         self.load()
         with _plain_tensors():

@@ -54,6 +54,8 @@ class ModelTensors:
         self.aliases: dict[str, list[Alias]] = {}
         self.kept: list[torch.Tensor] = []  # each kept tensor once
         self._modules: list[tuple[str, nn.Module]] = []
+        self._layout = 0
+        self._hooked: tuple[str, str] | None = None
         self._scanned = -1
         self.stale = False  # an alias no longer held its weight when it was bound
         _watch_registrations()
@@ -61,10 +63,20 @@ class ModelTensors:
 
     # -- what the model holds ----------------------------------------------------------
 
-    @property
-    def changed(self) -> bool:
-        """The model may have gained or lost modules or tensors since the last scan."""
-        return self.stale or self._scanned != _registrations
+    def refresh(self) -> bool:
+        """Rescan if the model may have changed since the last scan; True if it did.
+
+        Additions show in torch's registration counter; deletions (peft's
+        ``delete_adapter``, ``del module.x``) only in the sizes of the modules' registries.
+        """
+        if self.stale or self._scanned != _registrations:
+            self.rescan()
+            return True
+        layout, self._hooked = self._walk()
+        if layout != self._layout:
+            self.rescan()
+            return True
+        return False
 
     def rescan(self) -> None:
         aliases: dict[str, list[Alias]] = {name: [] for name in self.weights}
@@ -84,19 +96,29 @@ class ModelTensors:
         self.aliases = {name: list(dict.fromkeys(found)) for name, found in aliases.items()}
         self.kept = list(kept.values())
         self._modules = list(modules.values())
+        self._layout, self._hooked = self._walk()
         self._scanned, self.stale = _registrations, False
 
-    def refuse_other_offloaders(self) -> None:
-        """Raise if accelerate or diffusers hooks were added to any module since load."""
+    def _walk(self) -> tuple[int, tuple[str, str] | None]:
+        """The registries' total size, and the first module carrying another offloader's hooks."""
+        size, hooked = 0, None
         for name, module in self._modules:
+            size += len(module._modules) + len(module._parameters) + len(module._buffers)
             found = module.__dict__
-            if "_hf_hook" in found or getattr(found.get("_diffusers_hook"), "hooks", None):
-                owner = "accelerate (_hf_hook)" if "_hf_hook" in found else "diffusers (_diffusers_hook)"
-                raise OtherOffloaderError(
-                    f"module {name or type(self.model).__name__!r} gained {owner} hooks after lazystream loaded the "
-                    "model (an offloading or layerwise-casting method?); they would fight lazystream over the "
-                    "weights. Remove them, or load the model without lazystream for that workflow",
-                )
+            if hooked is None and ("_hf_hook" in found or getattr(found.get("_diffusers_hook"), "hooks", None)):
+                hooked = (name, "accelerate (_hf_hook)" if "_hf_hook" in found else "diffusers (_diffusers_hook)")
+        return size, hooked
+
+    def refuse_other_offloaders(self) -> None:
+        """Raise if accelerate or diffusers hooks were added to any module since load
+        (as found by the last refresh or rescan)."""
+        if self._hooked is not None:
+            name, owner = self._hooked
+            raise OtherOffloaderError(
+                f"module {name or type(self.model).__name__!r} gained {owner} hooks after lazystream loaded the "
+                "model (an offloading or layerwise-casting method?); they would fight lazystream over the "
+                "weights. Remove them, or load the model without lazystream for that workflow",
+            )
 
     def kept_nbytes(self, granule: int) -> int:
         return sum(-(-t.nbytes // granule) * granule for t in self.kept)
