@@ -224,7 +224,12 @@ def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, own
     except BaseException:
         streamer.close()
         raise
-    object.__setattr__(model, _ATTR, streamer)
+    # First in the model's attributes, so that copying or pickling the model meets the
+    # streamer's refusal before it has copied a single weight.
+    attributes = dict(model.__dict__)
+    model.__dict__.clear()
+    model.__dict__[_ATTR] = streamer
+    model.__dict__.update(attributes)
 
 
 def _refuse_other_offloaders(model: nn.Module) -> None:

@@ -30,7 +30,7 @@ from .plan import GRANULE, MAP_ALIGN, BlockPlan, StreamPlan, TensorPlacement, _r
 from .probe import Calibration
 from .telemetry import BlockTimer, CallStats, Stats
 from .tensors import ModelTensors
-from .weights import CheckpointWeight, WeightSource, apply_casts, set_metadata
+from .weights import CheckpointWeight, WeightSource, apply_casts, refuse_write, set_metadata
 
 # Resident tensors that need a dtype conversion are loaded through a temporary buffer
 # of at most this many bytes (or one tensor, if larger), then converted on the device.
@@ -122,6 +122,7 @@ class Streamer:
         # Exception, and a KeyboardInterrupt must release the lock and the slots too.
         model.forward = self._wrap_forward(model.forward)
         model._apply = self._apply_to_model  # .to(), .cuda(), .half(): re-plan, see there
+        model.load_state_dict = self._wrap_load_state_dict(model.load_state_dict)
         self._block_calls: list[tuple[int, int]] = []  # blocks called outside a root call
         modules = dict(model.named_modules())
         for block in plan.blocks:  # all of them: a new plan may stream any
@@ -241,7 +242,9 @@ class Streamer:
         if self._loaded:
             self.tensors.move_kept(self.device)
         adapters = sum(_round_up(t.nbytes, GRANULE) for t in self.tensors.kept if isinstance(t, nn.Parameter))
-        self.plan = dataclasses.replace(self.plan, kept_bytes=self.tensors.kept_nbytes(GRANULE), adapter_bytes=adapters)
+        kept = self.tensors.kept_nbytes(GRANULE)
+        if (kept, adapters) != (self.plan.kept_bytes, self.plan.adapter_bytes):
+            self.plan = dataclasses.replace(self.plan, kept_bytes=kept, adapter_bytes=adapters)
 
     # -- loading ------------------------------------------------------------------------
 
@@ -397,6 +400,22 @@ class Streamer:
 
         return streamed_forward
 
+    def _wrap_load_state_dict(self, load):
+        @functools.wraps(load)
+        def load_state_dict(state_dict, *args, **kwargs):
+            """Refuse, before anything is copied, to overwrite checkpoint weights in place
+            (torch would refuse each on its own, after loading the others)."""
+            assign = kwargs.get("assign", args[1] if len(args) > 1 else False)
+            if not assign:
+                weights = {id(w) for w in self.tensors.weights.values()}
+                hit = [name for name, p in self.model.named_parameters(remove_duplicate=False)
+                       if id(p) in weights and name in state_dict]
+                if hit:
+                    raise refuse_write(hit, "load_state_dict would copy new values into it")
+            return load(state_dict, *args, **kwargs)
+
+        return load_state_dict
+
     def _enter(self) -> None:
         self._check_open()
         self._refuse_capture()
@@ -413,13 +432,15 @@ class Streamer:
             raise
 
     def _begin_call(self) -> None:
-        if self.tensors.refresh():
-            self._take_in_changes()
+        changed = self.tensors.refresh()
         self.tensors.refuse_other_offloaders()
+        if changed:
+            self._take_in_changes()
         self.load()
+        grad = torch.is_grad_enabled()
         with _plain_tensors():
             for name, param in self._resident.items():
-                self._sync_grad(name, param)
+                self._sync_grad(name, param, grad)
                 self.tensors.bind(name, param)
         if self._on_calibrated is not None and self._timer is None:
             modules = dict(self.model.named_modules())
@@ -452,13 +473,13 @@ class Streamer:
                 "compute without streamed blocks, or use torch.compile without mode='reduce-overhead'"
             )
 
-    def _sync_grad(self, name: str, param: nn.Parameter) -> None:
+    def _sync_grad(self, name: str, param: nn.Parameter, grad: bool) -> None:
         """Give the bound tensor the user's requires_grad; a gradient would land on it, not on
-        the parameter the user holds, so backward into it is refused."""
+        the parameter the user holds, so backward into it is refused. ``grad``: grad mode is on."""
         wanted = self.tensors.weights[name].requires_grad
         if param.requires_grad != wanted:
             param.requires_grad_(wanted)
-        if wanted and torch.is_grad_enabled() and id(param) not in self._grad_refused:
+        if wanted and grad and id(param) not in self._grad_refused:
             param.register_hook(functools.partial(_refuse_weight_grad, name))
             self._grad_refused.add(id(param))
 
@@ -594,6 +615,7 @@ class Streamer:
         slot.ticket = self.loader.submit(self._runs[index], slot.buffer, after=slot.free_after)
 
     def _bind(self, index: int, slot: _Slot) -> None:
+        grad = torch.is_grad_enabled()
         with _plain_tensors():
             key = (slot.index, index)
             if key not in self._views:
@@ -602,7 +624,7 @@ class Streamer:
             for target, raw, via in casts:
                 target.copy_(apply_casts(raw, via))  # on the compute stream, after the bytes landed
             for name, param in params.items():
-                self._sync_grad(name, param)
+                self._sync_grad(name, param, grad)
                 self.tensors.bind(name, param)
 
     def _unbind_block(self, index: int, slot: _Slot) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ReadOnlyWeightError
+from .errors import ReadOnlyWeightError, UnsupportedOperationError
 
 # Dtypes each dtype converts into without losing a value: a cast through them changes
 # nothing, so a chain of casts can skip them (bfloat16 -> float32 -> float16 rounds as
@@ -101,8 +101,14 @@ class CheckpointWeight(torch.Tensor):
     _source: WeightSource
 
     @staticmethod
-    def __new__(cls, source: WeightSource, shape: torch.Size, dtype: torch.dtype, device: torch.device,
-                requires_grad: bool = False) -> CheckpointWeight:
+    def __new__(cls, source: WeightSource, shape: torch.Size | None = None, dtype: torch.dtype | None = None,
+                device: torch.device | None = None, requires_grad: bool = False) -> CheckpointWeight:
+        if not isinstance(source, WeightSource):  # type(param)(tensor), as Parameter is called
+            raise UnsupportedOperationError(
+                "a checkpoint weight of a streamed model is being replaced by a new tensor of its type (accelerate's "
+                "set_module_tensor_to_device, an offloading or quantization hook?); lazystream would keep streaming "
+                "the checkpoint's values into it. Load the model without lazystream for that workflow"
+            )
         weight = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device,
                                                      requires_grad=requires_grad)
         weight._source = source
@@ -128,14 +134,7 @@ class CheckpointWeight(torch.Tensor):
         return CheckpointWeight(self._source, self.shape, self.dtype, self.device)
 
     def _refuse(self, what: str) -> ReadOnlyWeightError:
-        return ReadOnlyWeightError(
-            f"{self._source.name!r} is a weight lazystream loads from the checkpoint ({what}). lazystream reloads "
-            "weights from the checkpoint (each streamed block on every call, resident ones after unload() or a "
-            "re-plan), so an in-place change could not last and is refused; nothing was changed. Keep LoRA "
-            "adapters unfused (they are exact and stay resident), or fuse them with the library's own loader, "
-            "save_pretrained, and stream that checkpoint",
-            tensor=self._source.name,
-        )
+        return refuse_write([self._source.name], what)
 
     def detach(self) -> torch.Tensor:
         """The values on the host (``state_dict`` and ``save_pretrained`` call this)."""
@@ -150,7 +149,8 @@ class CheckpointWeight(torch.Tensor):
         if value is self or (isinstance(value, CheckpointWeight) and value._source is self._source
                              and value.dtype == self.dtype and value.device == self.device):
             return
-        raise self._refuse("an assignment to .data replaces its values")
+        raise self._refuse("an assignment to .data, or a .to() of a part of the model, replaces its values; move or "
+                           "cast the whole model instead, which lazystream re-plans for")
 
     def numpy(self, *, force: bool = False):
         return self._source.host_value().numpy(force=force)
@@ -166,6 +166,19 @@ class CheckpointWeight(torch.Tensor):
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"Parameter streamed by lazystream ({self._source.name}):\n{self._source.value_on(self.device)!r}"
+
+
+def refuse_write(names: list[str], what: str) -> ReadOnlyWeightError:
+    """The error for an in-place change of the checkpoint weights ``names``."""
+    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return ReadOnlyWeightError(
+        f"{shown} {'is a weight' if len(names) == 1 else 'are weights'} lazystream loads from the checkpoint ({what}). "
+        "lazystream reloads weights from the checkpoint (each streamed block on every call, resident ones after "
+        "unload() or a re-plan), so an in-place change could not last and is refused; nothing was changed. Keep LoRA "
+        "adapters unfused (they are exact and stay resident), or change the weights with the library's own loader, "
+        "save_pretrained, and stream that checkpoint",
+        tensor=names[0],
+    )
 
 
 def set_metadata(weight: CheckpointWeight, dtype: torch.dtype, device: torch.device) -> None:
