@@ -185,8 +185,9 @@ def test_close_then_call_raises(qwen3):
 
 def test_backward_through_streamed_block_raises(qwen3):
     path, ids, _, _ = qwen3
-    model = LazyStreamModel.from_pretrained(path, 2)
-    loss = model(ids).logits.sum()
+    model = LazyStreamModel.from_pretrained(path, 2).requires_grad_(False)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    loss = model(inputs_embeds=embeds).logits.sum()
     with pytest.raises(RuntimeError, match="backward through streamed block 'model.layers"):
         loss.backward()
     streamer_of(model).close()
