@@ -117,18 +117,15 @@ class Streamer:
         # imports torch._dynamo (~70 MiB, 1.6 s), which a model class imports anyway.
         self._enter = torch.compiler.disable(self._enter)
         self._exit = torch.compiler.disable(self._exit)
-        pre, post = torch.compiler.disable(self._pre_block), torch.compiler.disable(self._post_block)
+        self._block_hooks = torch.compiler.disable(self._pre_block), torch.compiler.disable(self._post_block)
         # The root call is wrapped, not hooked: torch runs always_call hooks only for an
         # Exception, and a KeyboardInterrupt must release the lock and the slots too.
         model.forward = self._wrap_forward(model.forward)
         model._apply = self._apply_to_model  # .to(), .cuda(), .half(): re-plan, see there
         model.load_state_dict = self._wrap_load_state_dict(model.load_state_dict)
         self._block_calls: list[tuple[int, int]] = []  # blocks called outside a root call
-        modules = dict(model.named_modules())
-        for block in plan.blocks:  # all of them: a new plan may stream any
-            module = modules[block.path]
-            module.register_forward_pre_hook(_bind_index(pre, block.index))
-            module.register_forward_hook(_bind_index(post, block.index), always_call=True)
+        self._hooked: dict[int, tuple] = {}  # block index -> its hook handles
+        self._hook_streamed_blocks()
 
     # -- public -------------------------------------------------------------------------
 
@@ -303,6 +300,8 @@ class Streamer:
         self.plan = plan
         self._runs = _block_runs(plan)
         self._order = [i for i in self._exec_order if not plan.blocks[i].resident]
+        self._learned = False  # blocks that newly stream take their place in the order at the next call
+        self._hook_streamed_blocks()
         for name, t in self._placements(plan).items():
             self._sources[name].chain = t.casts
             set_metadata(self.tensors.weights[name], t.dtype, self.device)
@@ -376,6 +375,23 @@ class Streamer:
             if loaded:
                 self.load()
             return self.model
+
+    def _hook_streamed_blocks(self) -> None:
+        """Hook the streamed blocks, and only them: under torch.compile each hook is a graph
+        break, and a resident block needs none."""
+        modules = dict(self.model.named_modules())
+        pre, post = self._block_hooks
+        for block in self.plan.blocks:
+            handles = self._hooked.pop(block.index, None)
+            if block.resident:
+                for handle in handles or ():
+                    handle.remove()
+                continue
+            if handles is None:
+                module = modules[block.path]
+                handles = (module.register_forward_pre_hook(_bind_index(pre, block.index)),
+                           module.register_forward_hook(_bind_index(post, block.index), always_call=True))
+            self._hooked[block.index] = handles
 
     def _move_to(self, device: torch.device) -> None:
         self.loader.close()
@@ -517,8 +533,6 @@ class Streamer:
 
     def _pre_block(self, index: int, module: nn.Module, args: tuple) -> None:
         if self.plan.blocks[index].resident:
-            if not self._learned and self._depth and self._owner == threading.get_ident():
-                self._observed.append(index)
             return
         if self._depth == 0 or self._owner != threading.get_ident():
             # A submodule holding the blocks was called directly, not the model.

@@ -14,20 +14,27 @@ registered anywhere, and the streamer rescans its model when the counter moved.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from .errors import OtherOffloaderError
 from .weights import CheckpointWeight
 
-# Bumped by torch's global hooks whenever any module registers a module, parameter or
-# buffer: a model whose scan is older than this may have changed.
+# Bumped by torch's global hooks whenever a module of a streamed model registers a module,
+# parameter or buffer: a model whose scan is older than this may have changed.
 _registrations = 0
+_watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the modules of every streamed model
 
 
-def _count_registration(*args) -> None:
+def _count_registration(module: nn.Module, name: str, value: object) -> None:
     global _registrations
-    _registrations += 1
+    # Inside a compiled forward, and for modules of no streamed model (transformers slices a
+    # ModuleList into a new one on every forward), a registration changes no model of ours;
+    # under torch.compile the early return keeps this hook out of graphs and guards.
+    if not torch.compiler.is_compiling() and module in _watched:
+        _registrations += 1
 
 
 def _watch_registrations() -> None:
@@ -96,6 +103,7 @@ class ModelTensors:
         self.aliases = {name: list(dict.fromkeys(found)) for name, found in aliases.items()}
         self.kept = list(kept.values())
         self._modules = list(modules.values())
+        _watched.update(module for _, module in self._modules)
         self._layout, self._hooked = self._walk()
         self._scanned, self.stale = _registrations, False
 
