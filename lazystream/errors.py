@@ -27,6 +27,13 @@ class CheckpointNotFoundError(LazyStreamError, FileNotFoundError):
     __str__ = Exception.__str__
 
 
+class HubUnreachableError(LazyStreamError, ConnectionError):
+    """The Hugging Face Hub could not be reached to find a repo that is not in the cache."""
+
+    __init__ = LazyStreamError.__init__  # ConnectionError (an OSError) would reinterpret the arguments
+    __str__ = Exception.__str__
+
+
 class UnsupportedFormatError(LazyStreamError, ValueError):
     """The checkpoint has weights, but not in safetensors."""
 
@@ -116,6 +123,10 @@ class ShapeMismatchError(LazyStreamError, ValueError):
 
 class OtherOffloaderError(LazyStreamError, ValueError):
     """The model already carries offloading hooks (accelerate, diffusers, lazystream)."""
+
+
+class UnavailableDeviceError(LazyStreamError, ValueError):
+    """The device asked for is not one torch knows, or this machine or torch build lacks it."""
 
 
 class DeviceMemoryError(LazyStreamError, MemoryError):

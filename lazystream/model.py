@@ -14,7 +14,7 @@ from torch import nn
 from .adapters import build_skeleton, family_of, find_blocks, match_prefix, model_class, require_config
 from .checkpoint import Checkpoint
 from .header import TensorRecord
-from .errors import OtherOffloaderError
+from .errors import OtherOffloaderError, UnavailableDeviceError
 from .io import IOConfig
 from . import probe
 from .planner import PlanRequest, make_plan, plan_builder
@@ -162,10 +162,36 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    """``device`` as a torch.device (default CUDA when available, else the CPU); a CUDA
+    device gets its index.
+
+    Raises:
+        UnavailableDeviceError: not a device name, or a CUDA device this machine lacks
+            (checked here: torch would fail later with an AssertionError or a bad ordinal).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UnavailableDeviceError(
+            f"device={device!r} is not a device torch knows; expected e.g. 'cuda', 'cuda:1' or 'cpu'"
+        ) from None
+    if resolved.type != "cuda":
+        return resolved
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if resolved.index is None and count:
+        return torch.device("cuda", torch.cuda.current_device())
+    if resolved.index is None or resolved.index >= count:
+        why = (f"this torch build ({torch.__version__}) has no CUDA" if torch.version.cuda is None
+               else "torch finds no CUDA device (driver, CUDA_VISIBLE_DEVICES)" if count == 0
+               else f"this machine has {count} CUDA device(s)")
+        available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
+        raise UnavailableDeviceError(
+            f"device={str(device)!r} is not available: {why}; available here: {available}. "
+            "Pass one of those, or leave the device unset (CUDA when available, else the CPU)"
+        )
+    return resolved
 
 
 def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], request: PlanRequest, *,

@@ -173,9 +173,20 @@ class StreamPlan:
                          f"for activations ({b.source})")
         if self.prediction is not None:
             p = self.prediction
-            compute = f"{p.compute_seconds * 1e3:.1f} ms" if p.calibrated else "not calibrated yet"
-            lines.append(f"  predicted {p.seconds * 1e3:.1f} ms per call: compute {compute}, transfer "
-                         f"{p.transfer_seconds * 1e3:.1f} ms; bound by {p.bound}")
+
+            def ms(seconds: float) -> str:
+                return f"{seconds * 1e3:.{3 if seconds < 1e-3 else 1}f} ms"
+
+            if p.calibrated:
+                lines.append(f"  predicted {ms(p.seconds)} per call: compute {ms(p.compute_seconds)}, transfer "
+                             f"{ms(p.transfer_seconds)}; bound by {p.bound}")
+            else:
+                # Without measured compute times the call's time and what bounds it are
+                # unknown; only the transfer is known, and it is a floor of the call's time.
+                lines.append(f"  predicted per call: at least {ms(p.transfer_seconds)}, the transfer at the probed "
+                             f"{p.bound} bandwidth" if self.streamed else "  predicted per call: nothing streamed")
+                lines.append("  compute: not calibrated yet (measured at the first call of a model loaded with "
+                             "placement='cost' or keep_gpu='auto'), so no total time or bound")
         return "\n".join(lines)
 
     def summary(self) -> dict:
@@ -196,7 +207,10 @@ class StreamPlan:
             "scratch_bytes": self.scratch_bytes,
             "streamed_bytes_per_call": self.streamed_bytes,
             "budget": None if self.budget is None else vars(self.budget),
-            "prediction": None if self.prediction is None else vars(self.prediction),
+            # Uncalibrated, only the transfer time is known: the rest is null, not a guess.
+            "prediction": None if self.prediction is None else (
+                vars(self.prediction) if self.prediction.calibrated
+                else {**vars(self.prediction), "seconds": None, "compute_seconds": None, "bound": None}),
         }
 
 
