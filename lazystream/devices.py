@@ -61,8 +61,9 @@ class CudaDevice:
     def staging(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    @torch.compiler.disable
     def copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        # Never traced by torch.compile: it runs on the worker thread, or inside the
+        # streamer's hooks, which are excluded from graphs.
         # Asynchronous only because src is pinned; the caller keeps src untouched until
         # the marker from copy_done() has completed.
         with torch.cuda.stream(self.copy_stream):

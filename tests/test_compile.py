@@ -96,3 +96,14 @@ def test_compile_repeated_blocks_equals_the_library(tmp_path, keep_gpu):
     assert graphs() == first
     assert all(any(hook in reason for hook in HOOKS) for reason in break_reasons())
     streamer_of(model).close()
+
+
+def test_importing_lazystream_does_not_import_dynamo():
+    """torch._dynamo costs ~70 MiB and seconds: only a model load (its class imports it anyway) may bring it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lazystream import LazyStreamModel, LazyStreamPipeline, attach, streamer_of; "
+            "import lazystream.streamer, lazystream.pipeline; print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
