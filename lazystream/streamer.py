@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,6 +45,17 @@ class _Slot:
     ticket: Ticket | None = None
     users: int = 0  # forwards of that block running now
     free_after: object = None  # device marker: the last compute that read the slot
+
+
+@dataclass
+class _Bound:
+    """Tensors registered in place of their weights for a call: the resident set, or one
+    block's views of a slot. ``bindings`` say where, as of the model scan ``generation``."""
+
+    params: dict[str, nn.Parameter]
+    casts: list[tuple[torch.Tensor, torch.Tensor, tuple[torch.dtype, ...]]] = field(default_factory=list)
+    bindings: list = field(default_factory=list)
+    generation: int = -1
 
 
 @dataclass
@@ -95,12 +106,12 @@ class Streamer:
         self._in_session = False
 
         self._arena: torch.Tensor | None = None
-        self._resident: dict[str, nn.Parameter] = {}  # bound during calls
+        self._resident = _Bound({})  # the resident tensors, bound during calls
         self._grad_refused: set[int] = set()
         self._scratch: torch.Tensor | None = None
         self._slots: list[_Slot] = []
         self._bound: dict[int, _Slot] = {}
-        self._views: dict[tuple[int, int], tuple[dict[str, nn.Parameter], list]] = {}
+        self._views: dict[tuple[int, int], _Bound] = {}  # (slot, block) -> the block's views of the slot
         self._loaded = False
         self._closed = False
 
@@ -262,7 +273,7 @@ class Streamer:
         ops.compute_waits_for(ticket.ready)
         for t in plan.resident_tensors:
             value = _view(self._arena, t.offset, t.dtype, t.record.shape)
-            self._resident[t.name] = nn.Parameter(value, self.tensors.weights[t.name].requires_grad)
+            self._resident.params[t.name] = nn.Parameter(value, self.tensors.weights[t.name].requires_grad)
             self._sources[t.name].bound = value
         self.tensors.move_kept(self.device)
         # Loading is not the hot path: finish it here, so a first call on any stream sees it.
@@ -327,12 +338,12 @@ class Streamer:
         self.loader.drain()  # no copy may still be writing into a buffer dropped below
         if not self._loaded and self._arena is None:
             return
-        for name, param in self._resident.items():
+        for name in self._resident.params:
             self._sources[name].bound = None
         if self.device.type != "cpu":
             self.tensors.move_kept(torch.device("cpu"))
         self._arena = self._scratch = None
-        self._resident, self._grad_refused = {}, set()
+        self._resident, self._grad_refused = _Bound({}), set()
         self._slots, self._bound, self._views = [], {}, {}
         self._cursor, self._wrapped = 0, False
         self._loaded = False
@@ -453,11 +464,7 @@ class Streamer:
         if changed:
             self._take_in_changes()
         self.load()
-        grad = torch.is_grad_enabled()
-        with _plain_tensors():
-            for name, param in self._resident.items():
-                self._sync_grad(name, param, grad)
-                self.tensors.bind(name, param)
+        self._bind_all(self._resident)
         if self._on_calibrated is not None and self._timer is None:
             modules = dict(self.model.named_modules())
             self._timer = BlockTimer([modules[b.path] for b in self.plan.blocks], self.device)
@@ -472,8 +479,7 @@ class Streamer:
         try:
             if self._depth == 1:
                 self._release_bound()
-                for name, param in self._resident.items():
-                    self.tensors.unbind(name, param)
+                self.tensors.unbind(self._resident.bindings)
                 self._end_call(completed)
         finally:
             self._depth -= 1
@@ -489,13 +495,22 @@ class Streamer:
                 "compute without streamed blocks, or use torch.compile without mode='reduce-overhead'"
             )
 
-    def _sync_grad(self, name: str, param: nn.Parameter, grad: bool) -> None:
+    def _bind_all(self, bound: _Bound) -> None:
+        if bound.generation != self.tensors.generation:
+            bound.bindings, bound.generation = self.tensors.bindings(bound.params), self.tensors.generation
+        if torch.is_grad_enabled():  # under no_grad or inference_mode, requires_grad changes nothing
+            with _plain_tensors():
+                for name, param in bound.params.items():
+                    self._sync_grad(name, param)
+        self.tensors.bind(bound.bindings)
+
+    def _sync_grad(self, name: str, param: nn.Parameter) -> None:
         """Give the bound tensor the user's requires_grad; a gradient would land on it, not on
-        the parameter the user holds, so backward into it is refused. ``grad``: grad mode is on."""
+        the parameter the user holds, so backward into it is refused."""
         wanted = self.tensors.weights[name].requires_grad
         if param.requires_grad != wanted:
             param.requires_grad_(wanted)
-        if wanted and grad and id(param) not in self._grad_refused:
+        if wanted and id(param) not in self._grad_refused:
             param.register_hook(functools.partial(_refuse_weight_grad, name))
             self._grad_refused.add(id(param))
 
@@ -629,22 +644,19 @@ class Streamer:
         slot.ticket = self.loader.submit(self._runs[index], slot.buffer, after=slot.free_after)
 
     def _bind(self, index: int, slot: _Slot) -> None:
-        grad = torch.is_grad_enabled()
-        with _plain_tensors():
-            key = (slot.index, index)
-            if key not in self._views:
+        key = (slot.index, index)
+        if key not in self._views:
+            with _plain_tensors():
                 self._views[key] = self._make_views(self.plan.blocks[index], slot.buffer)
-            params, casts = self._views[key]
-            for target, raw, via in casts:
-                target.copy_(apply_casts(raw, via))  # on the compute stream, after the bytes landed
-            for name, param in params.items():
-                self._sync_grad(name, param, grad)
-                self.tensors.bind(name, param)
+        bound = self._views[key]
+        if bound.casts:
+            with _plain_tensors():
+                for target, raw, via in bound.casts:
+                    target.copy_(apply_casts(raw, via))  # on the compute stream, after the bytes landed
+        self._bind_all(bound)
 
     def _unbind_block(self, index: int, slot: _Slot) -> None:
-        params, _ = self._views[(slot.index, index)]
-        for name, param in params.items():
-            self.tensors.unbind(name, param)
+        self.tensors.unbind(self._views[(slot.index, index)].bindings)
 
     def _make_views(self, block: BlockPlan, buffer: torch.Tensor):
         params, casts = {}, []
@@ -655,7 +667,7 @@ class Streamer:
                 casts.append((target, raw, t.via))
                 raw = target
             params[t.name] = nn.Parameter(raw, self.tensors.weights[t.name].requires_grad)
-        return params, casts
+        return _Bound(params, casts)
 
     def _check_open(self) -> None:
         if self._closed:

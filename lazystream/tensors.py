@@ -49,6 +49,7 @@ def _watch_registrations() -> None:
 
 
 Alias = tuple[nn.Module, str]
+Binding = tuple[dict, str, CheckpointWeight, torch.Tensor]  # a module's _parameters, name, weight, tensor
 
 
 class ModelTensors:
@@ -60,7 +61,9 @@ class ModelTensors:
         self._names = {id(w): name for name, w in weights.items()}
         self.aliases: dict[str, list[Alias]] = {}
         self.kept: list[torch.Tensor] = []  # each kept tensor once
-        self._modules: list[tuple[str, nn.Module]] = []
+        self._registries: list[dict] = []
+        self._attributes: list[tuple[str, dict]] = []
+        self.generation = 0  # bumped by every rescan: bindings made before it are stale
         self._layout = 0
         self._hooked: tuple[str, str] | None = None
         self._scanned = -1
@@ -102,20 +105,23 @@ class ModelTensors:
                     kept.setdefault(id(tensor), tensor)
         self.aliases = {name: list(dict.fromkeys(found)) for name, found in aliases.items()}
         self.kept = list(kept.values())
-        self._modules = list(modules.values())
-        _watched.update(module for _, module in self._modules)
+        self._registries = [r for _, m in modules.values() for r in (m._modules, m._parameters, m._buffers)]
+        self._attributes = [(name, m.__dict__) for name, m in modules.values()]
+        _watched.update(module for _, module in modules.values())
         self._layout, self._hooked = self._walk()
         self._scanned, self.stale = _registrations, False
+        self.generation += 1
 
     def _walk(self) -> tuple[int, tuple[str, str] | None]:
-        """The registries' total size, and the first module carrying another offloader's hooks."""
-        size, hooked = 0, None
-        for name, module in self._modules:
-            size += len(module._modules) + len(module._parameters) + len(module._buffers)
-            found = module.__dict__
-            if hooked is None and ("_hf_hook" in found or getattr(found.get("_diffusers_hook"), "hooks", None)):
-                hooked = (name, "accelerate (_hf_hook)" if "_hf_hook" in found else "diffusers (_diffusers_hook)")
-        return size, hooked
+        """The registries' total size, and the first module carrying another offloader's
+        hooks. Runs before every call: kept to loops over prepared lists."""
+        size = sum(map(len, self._registries))
+        for name, attributes in self._attributes:
+            if "_hf_hook" in attributes:
+                return size, (name, "accelerate (_hf_hook)")
+            if "_diffusers_hook" in attributes and getattr(attributes["_diffusers_hook"], "hooks", None):
+                return size, (name, "diffusers (_diffusers_hook)")
+        return size, None
 
     def refuse_other_offloaders(self) -> None:
         """Raise if accelerate or diffusers hooks were added to any module since load
@@ -133,20 +139,22 @@ class ModelTensors:
 
     # -- during a call -----------------------------------------------------------------
 
-    def bind(self, name: str, tensor: torch.Tensor) -> None:
-        """Register ``tensor`` where the weight ``name`` is, for the call."""
-        weight = self.weights[name]
-        for module, leaf in self.aliases[name]:
-            params = module._parameters
+    def bindings(self, tensors: dict[str, torch.Tensor]) -> list[Binding]:
+        """Where to register each of ``tensors`` (by checkpoint name) for a call; valid
+        until the next rescan (see ``generation``)."""
+        return [(module._parameters, leaf, self.weights[name], tensor)
+                for name, tensor in tensors.items() for module, leaf in self.aliases[name]]
+
+    def bind(self, bindings: list[Binding]) -> None:
+        """Register each tensor where its weight is, for the call."""
+        for params, leaf, weight, tensor in bindings:
             if params.get(leaf) is weight:
                 params[leaf] = tensor
             else:  # replaced behind the registration hooks' back: rescan before the next call
                 self.stale = True
 
-    def unbind(self, name: str, tensor: torch.Tensor) -> None:
-        weight = self.weights[name]
-        for module, leaf in self.aliases[name]:
-            params = module._parameters
+    def unbind(self, bindings: list[Binding]) -> None:
+        for params, leaf, weight, tensor in bindings:
             if params.get(leaf) is tensor:
                 params[leaf] = weight
 

@@ -209,3 +209,22 @@ def test_transformers_load_adapter_equals_the_library(qwen3, keep_gpu):
         m.set_adapter("x")
     assert torch.equal(logits(model, ids), want)
     streamer_of(model).close()
+
+
+@pytest.mark.parametrize("keep_gpu", [1, "auto"])
+def test_adapters_survive_casts_and_replans(zimage, keep_gpu):
+    """Nothing of an adapter is lost when the model is re-planned: by .to(), or by the
+    calibration of keep_gpu='auto' on the first call."""
+    path, loras, inputs = zimage
+    ref = ZImageTransformer2DModel.from_pretrained(path).eval()
+    model = LazyStreamModel.from_pretrained(path, keep_gpu, max_gpu_memory=2**30, load=False)
+    for m in (ref, model):
+        m.load_lora_adapter(loras["a"], weight_name=LORA_FILE, prefix="transformer", adapter_name="a")
+    assert torch.equal(sample(model, inputs), sample(ref, inputs))  # the first call loads and re-plans
+    for m in (ref, model):
+        m.to(torch.bfloat16)
+    x, t, caption = inputs
+    bf16 = ([v.bfloat16() for v in x], t.bfloat16(), [v.bfloat16() for v in caption])
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in ref.named_parameters()}
+    assert torch.equal(sample(model, bf16), sample(ref, bf16))
+    streamer_of(model).close()

@@ -150,7 +150,7 @@ def test_plan_device_bytes_equal_allocated_bytes(qwen3, keep_gpu, prefetch):
     assert stats.resident_bytes == streamer.plan.resident_bytes
     assert stats.slot_bytes == streamer.plan.slots * streamer.plan.slot_bytes
     assert streamer.plan.slots == min(prefetch, QWEN_LAYERS - min(keep_gpu, QWEN_LAYERS))
-    arena_views = list(streamer._resident.values())
+    arena_views = list(streamer._resident.params.values())
     assert len(arena_views) == len(streamer.plan.resident_tensors)
     assert all(t.untyped_storage().nbytes() == streamer.plan.resident_bytes for t in arena_views)
     streamer.close()
