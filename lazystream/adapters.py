@@ -81,8 +81,7 @@ def family_of(model: nn.Module, dtype: torch.dtype, *, built_here: bool = False)
     ``built_here``: the model is a skeleton from build_skeleton at ``dtype``, so each
     parameter's dtype is the one its library declares.
     """
-    libraries = (base.__module__.split(".")[0] for base in type(model).__mro__)
-    library = next((lib for lib in libraries if lib in ("transformers", "diffusers")), "torch")
+    library = library_of(model)
     keep: list[str] = []
     if library == "transformers":
         if dtype == torch.float16:
@@ -93,6 +92,12 @@ def family_of(model: nn.Module, dtype: torch.dtype, *, built_here: bool = False)
         keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     declared = {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)} if built_here else {}
     return ModelFamily(library, tuple(keep), declared)
+
+
+def library_of(model: nn.Module) -> str:
+    """"transformers" or "diffusers" (the library ``model``'s class or a base comes from), else "torch"."""
+    libraries = (base.__module__.split(".")[0] for base in type(model).__mro__)
+    return next((lib for lib in libraries if lib in ("transformers", "diffusers")), "torch")
 
 
 def build_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:

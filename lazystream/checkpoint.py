@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +24,10 @@ from .errors import (
 )
 from .header import ShardHeader, TensorRecord, read_header
 from .resolve import WeightFiles, resolve
+from .source import TensorSource
+
+if TYPE_CHECKING:
+    from .plan import TensorPlacement
 
 
 def _read_json(path: Path, what: str, error: type[LazyStreamError]) -> object:
@@ -68,10 +73,18 @@ class CopyRun:
     nbytes: int
 
 
-def coalesce(items: Iterable[tuple[TensorRecord, int]]) -> list[CopyRun]:
-    """Merge (record, destination offset) pairs into the fewest contiguous copies.
+class StoredBytes(Protocol):
+    """Bytes of a file: a :class:`TensorRecord` or a :class:`~lazystream.source.ByteRun`."""
 
-    Two records merge when they are adjacent both in their file and in the destination.
+    file: Path
+    offset: int
+    nbytes: int
+
+
+def coalesce(items: Iterable[tuple[StoredBytes, int]]) -> list[CopyRun]:
+    """Merge (stored bytes, destination offset) pairs into the fewest contiguous copies.
+
+    Two pieces merge when they are adjacent both in their file and in the destination.
     """
     runs: list[CopyRun] = []
     for rec, dest in sorted(items, key=lambda it: (str(it[0].file), it[0].offset)):
@@ -84,6 +97,11 @@ def coalesce(items: Iterable[tuple[TensorRecord, int]]) -> list[CopyRun]:
         else:
             runs.append(CopyRun(rec.file, rec.offset, dest, rec.nbytes))
     return runs
+
+
+def copy_runs(placements: Iterable[TensorPlacement]) -> list[CopyRun]:
+    """The fewest copies that lay each placement's source runs at its buffer offset."""
+    return coalesce((run, t.offset + run.dest) for t in placements for run in t.source.runs)
 
 
 class Shard:
@@ -269,10 +287,11 @@ class Checkpoint(Mapping[str, TensorRecord]):
         numel = rec.nbytes // rec.dtype.itemsize
         return torch.frombuffer(shard._map, dtype=rec.dtype, count=numel, offset=rec.offset).view(rec.shape)
 
-    def read_into(self, items: Iterable[tuple[TensorRecord, int]], dest: torch.Tensor) -> int:
-        """Copy each record's bytes to ``dest[offset:offset + nbytes]``; return bytes copied.
+    def read_into(self, items: Iterable[tuple[StoredBytes, int]], dest: torch.Tensor) -> int:
+        """Copy each record's (or run's) bytes to ``dest[offset:offset + nbytes]``; return
+        bytes copied.
 
-        ``dest`` is a 1-D uint8 CPU tensor (pinned or not). Records adjacent in both their
+        ``dest`` is a 1-D uint8 CPU tensor (pinned or not). Pieces adjacent in both their
         file and ``dest`` are copied as one run.
         """
         self._live_shards()
@@ -310,3 +329,38 @@ class Checkpoint(Mapping[str, TensorRecord]):
     def __repr__(self) -> str:
         state = "closed" if self._shards is None else f"{len(self._shards)} shard(s)"
         return f"Checkpoint({str(self.folder)!r}, {len(self)} tensors, {self.nbytes / 2**20:.1f} MiB, {state})"
+
+
+def read_value(ckpt: Checkpoint, source: TensorSource | TensorPlacement) -> torch.Tensor:
+    """The stored value of one model tensor on the host, in its stored dtype and the
+    model's shape.
+
+    Args:
+        ckpt: the open checkpoint the source's runs lie in.
+        source: a :class:`~lazystream.source.TensorSource`, or a plan's
+            :class:`~lazystream.plan.TensorPlacement` (its ``source``).
+
+    Returns:
+        A zero-copy, copy-on-write view of the mapped shard when the value is one
+        contiguous run of it (a stored tensor, or a piece of one split along its first
+        dimension); otherwise a fresh tensor assembled from the runs (stacked experts, a
+        fused projection).
+
+    Raises:
+        ShardChangedError: a shard changed on disk since it was opened.
+        ClosedError: the checkpoint was closed.
+
+    Example:
+        >>> value = read_value(ckpt, streamer.plan.blocks[0].tensors[0])
+    """
+    source = getattr(source, "source", source)
+    if source.numel == 0:
+        return torch.empty(source.shape, dtype=source.dtype)
+    if len(source.runs) == 1:
+        run = source.runs[0]
+        shard = ckpt.shard(run.file)
+        shard.check_unchanged()
+        return torch.frombuffer(shard._map, dtype=source.dtype, count=source.numel, offset=run.offset).view(source.shape)
+    out = torch.empty(source.nbytes, dtype=torch.uint8)
+    ckpt.read_into(((run, run.dest) for run in source.runs), out)
+    return out.view(source.dtype).view(source.shape)

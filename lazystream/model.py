@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import build_skeleton, family_of, find_blocks, match_prefix, model_class, require_config
+from .adapters import build_skeleton, family_of, find_blocks, model_class, require_config
 from .checkpoint import Checkpoint
+from .conversions import sources_for
 from .header import TensorRecord
 from .errors import OtherOffloaderError
 from .io import IOConfig
@@ -174,7 +175,7 @@ def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], reque
     that re-plans with its result. ``measure``: run the bandwidth probe (cached per
     machine; ``shard`` is a local file to time reads of) even where the plan does not
     need it, for its predicted time."""
-    build = plan_builder(model, match_prefix(model, records), find_blocks(model, blocks), dtype=dtype,
+    build = plan_builder(model, sources_for(model, records), find_blocks(model, blocks), dtype=dtype,
                          family=family_of(model, dtype, built_here=built_here), device=device)
     if not (measure or request.keep_gpu == "auto" or request.placement == "cost"):
         return build(keep_gpu=request.keep_gpu, placement=request.placement, prefetch=request.prefetch), None

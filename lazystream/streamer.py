@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, CopyRun, coalesce
+from .checkpoint import Checkpoint, CopyRun, copy_runs, read_value
 from .devices import device_ops
 from .errors import ClosedError, DeviceMemoryError
 from .io import IOConfig, Loader, Ticket
@@ -64,7 +64,7 @@ class Streamer:
             self._meta[name] = _to_meta(self._param(name))
         self._set_params({name: p for name, p in self._meta.items()})
         self._home = _kept_tensors(model, set(self._meta))
-        self._runs = {b.index: coalesce((t.record, t.offset) for t in b.tensors) for b in plan.streamed}
+        self._runs = {b.index: copy_runs(b.tensors) for b in plan.streamed}
 
         self._exec_order = [b.index for b in plan.blocks]  # guessed; learned on the first call
         self._order = [b.index for b in plan.streamed]  # the streamed blocks in _exec_order
@@ -180,21 +180,21 @@ class Streamer:
         for slot in self._slots:
             slot.free_after = fresh
         direct = [t for t in plan.resident_tensors if not t.needs_cast]
-        ticket = self.loader.submit(coalesce((t.record, t.offset) for t in direct), self._arena, after=fresh)
+        ticket = self.loader.submit(copy_runs(direct), self._arena, after=fresh)
         self._load_casts([t for t in plan.resident_tensors if t.needs_cast])
         ticket.wait()
         ops.compute_waits_for(ticket.ready)
         self._set_params({
-            t.name: nn.Parameter(_view(self._arena, t.offset, t.dtype, t.record.shape), self._meta[t.name].requires_grad)
+            t.name: nn.Parameter(_view(self._arena, t.offset, t.dtype, t.source.shape), self._meta[t.name].requires_grad)
             for t in plan.resident_tensors
         })
-        stored = {rec.name: rec for rec in self.plan.checkpoint_buffers}
+        stored = {src.name: src for src in self.plan.checkpoint_buffers}
         moved: dict[int, torch.Tensor] = {}  # keeps a tensor shared by two modules shared
         for (module, leaf), (name, home) in self._home.items():
             value = moved.get(id(home))
             if value is None:
                 if name in stored:
-                    value = self.ckpt.view(stored[name]).to(self.device, dtype=home.dtype, copy=True)
+                    value = read_value(self.ckpt, stored[name]).to(self.device, dtype=home.dtype, copy=True)
                 else:
                     value = home.to(self.device, copy=True)
                 if isinstance(home, nn.Parameter):
@@ -209,19 +209,21 @@ class Streamer:
         """Read stored bytes into a bounded temporary buffer and convert them into the
         arena, on the device, CAST_CHUNK_BYTES at a time (a large tensor in pieces)."""
         for pieces in _cast_pieces(tensors, CAST_CHUNK_BYTES):
-            runs, end = [], 0
+            runs, begins, end = [], [], 0
             for t, start, count in pieces:
-                size = t.record.dtype.itemsize
-                runs.append(CopyRun(t.record.file, t.record.offset + start * size, end, count * size))
+                size = t.source.dtype.itemsize
+                runs += [CopyRun(r.file, r.offset, end + r.dest, r.nbytes)
+                         for r in t.source.within(start * size, (start + count) * size)]
+                begins.append(end)
                 end = _round_up(end + count * size, MAP_ALIGN)
             raw = self.ops.empty(end)
             ticket = self.loader.submit(runs, raw, after=self.ops.compute_done())
             ticket.wait()
             self.ops.compute_waits_for(ticket.ready)
-            for (t, start, count), run in zip(pieces, runs):
-                numel = t.record.nbytes // t.record.dtype.itemsize
-                target = _view(self._arena, t.offset, t.dtype, (numel,))[start:start + count]
-                target.copy_(raw[run.dest_offset:run.dest_offset + run.nbytes].view(t.record.dtype))
+            for (t, start, count), begin in zip(pieces, begins):
+                size = t.source.dtype.itemsize
+                target = _view(self._arena, t.offset, t.dtype, (t.source.numel,))[start:start + count]
+                target.copy_(raw[begin:begin + count * size].view(t.source.dtype))
 
     def _replace_plan(self, plan: StreamPlan) -> None:
         """Switch to ``plan`` (same model and checkpoint): free, re-lay, load again."""
@@ -231,7 +233,7 @@ class Streamer:
             return
         self._free()
         self.plan = plan
-        self._runs = {b.index: coalesce((t.record, t.offset) for t in b.tensors) for b in plan.streamed}
+        self._runs = {b.index: copy_runs(b.tensors) for b in plan.streamed}
         self._order = [i for i in self._exec_order if not plan.blocks[i].resident]
         self.load()
 
@@ -461,9 +463,9 @@ class Streamer:
     def _make_views(self, block: BlockPlan, buffer: torch.Tensor):
         params, casts = {}, []
         for t in block.tensors:
-            raw = _view(buffer, t.offset, t.record.dtype, t.record.shape)
+            raw = _view(buffer, t.offset, t.source.dtype, t.source.shape)
             if t.needs_cast:
-                target = _view(self._scratch, t.cast_offset, t.dtype, t.record.shape)
+                target = _view(self._scratch, t.cast_offset, t.dtype, t.source.shape)
                 casts.append((target, raw))
                 raw = target
             params[t.name] = nn.Parameter(raw, self._meta[t.name].requires_grad)
@@ -549,8 +551,8 @@ def _cast_pieces(tensors: list[TensorPlacement], limit: int) -> Iterator[list[tu
     """Groups of (tensor, first element, element count) of at most ``limit`` stored bytes."""
     group, size = [], 0
     for t in tensors:
-        itemsize = t.record.dtype.itemsize
-        numel = t.record.nbytes // itemsize
+        itemsize = t.source.dtype.itemsize
+        numel = t.source.numel
         start = 0
         while start < numel:
             if size + itemsize > limit and group:

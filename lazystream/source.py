@@ -1,0 +1,298 @@
+"""A parameter's source: the byte runs of the checkpoint that, laid at their offsets,
+make its value. A stored tensor is one run; a tensor the library assembles at load
+(stacked experts, a fused projection) is several; a piece of a split tensor is a part
+of one. The streamer only ever copies runs, so a conversion changes the runs, never it.
+
+Conversions are read from the libraries themselves: their conversion code runs on
+:class:`Traced` tensors, which hold no data, only where each byte of their value comes
+from. A view (a split, a slice, a transpose) is worked out by running the op on a meta
+tensor, which keeps view offsets and strides; a concatenation or stack joins the runs.
+Any other op (arithmetic, a dtype change inside a conversion, a gather) cannot be
+expressed as byte runs: its result is poisoned, and the reason names the op.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree
+
+from .header import TensorRecord
+
+# A conversion whose result would take more copies than this per tensor (an element-wise
+# transpose, say) is not streamed: that many small copies would cost more than they save.
+MAX_RUNS = 1 << 16
+
+
+@dataclass(frozen=True)
+class ByteRun:
+    """``nbytes`` stored bytes at absolute ``offset`` in ``file``, laid at byte ``dest`` of
+    the value."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    dest: int
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where the value of the model's tensor ``name`` comes from.
+
+    Its ``runs``, laid at their ``dest`` offsets, cover ``[0, nbytes)`` exactly once and
+    make the value, row-major, in the stored ``dtype`` and of ``shape`` (the model's).
+    ``stored`` names the checkpoint tensors the runs lie in.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    runs: tuple[ByteRun, ...]
+    stored: tuple[str, ...]
+
+    @classmethod
+    def of(cls, rec: TensorRecord, name: str | None = None) -> TensorSource:
+        """A stored tensor as it is: one run (none if it is empty)."""
+        runs = (ByteRun(rec.file, rec.offset, rec.nbytes, 0),) if rec.nbytes else ()
+        return cls(name or rec.name, rec.dtype, rec.shape, runs, (rec.name,))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def file(self) -> Path | None:
+        """The file of its first run, for messages."""
+        return self.runs[0].file if self.runs else None
+
+    @property
+    def is_view(self) -> bool:
+        """Whether the library's loader leaves the value a view of the stored bytes (one
+        run: a stored tensor or a piece of one) rather than a fresh tensor it assembles."""
+        return len(self.runs) <= 1
+
+    def within(self, start: int, stop: int) -> list[ByteRun]:
+        """The runs of value bytes ``[start, stop)``, with ``dest`` counted from ``start``."""
+        out = []
+        for run in self.runs:
+            lo, hi = max(start, run.dest), min(stop, run.dest + run.nbytes)
+            if lo < hi:
+                out.append(ByteRun(run.file, run.offset + lo - run.dest, hi - lo, lo - start))
+        return out
+
+
+class SourceMap(dict[str, TensorSource]):
+    """The model's tensor name -> its :class:`TensorSource`; ``unused`` names the
+    checkpoint tensors (as the library names them after conversion) that no tensor of
+    the model is made from."""
+
+    def __init__(self, sources: Mapping[str, TensorSource] | Iterable[tuple[str, TensorSource]] = (),
+                 unused: Iterable[str] = ()):
+        super().__init__(sources)
+        self.unused = tuple(unused)
+
+
+class ConversionNotStreamableError(Exception):
+    """Raised inside tracing; carried on a poisoned :class:`Traced` as its reason."""
+
+
+# -- tracing ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A row-major value as consecutive pieces (file, offset, nbytes) of stored bytes."""
+
+    pieces: tuple[tuple[Path, int, int], ...]
+    starts: tuple[int, ...]  # each piece's first byte in the value
+
+    @classmethod
+    def of(cls, pieces: Iterable[tuple[Path, int, int]]) -> _Layout:
+        merged: list[tuple[Path, int, int]] = []
+        for file, offset, nbytes in pieces:
+            if nbytes == 0:
+                continue
+            if merged and merged[-1][0] == file and merged[-1][1] + merged[-1][2] == offset:
+                merged[-1] = (file, merged[-1][1], merged[-1][2] + nbytes)
+            else:
+                merged.append((file, offset, nbytes))
+        starts, end = [], 0
+        for piece in merged:
+            starts.append(end)
+            end += piece[2]
+        return cls(tuple(merged), tuple(starts))
+
+    def slab(self, start: int, nbytes: int) -> Iterable[tuple[Path, int, int]]:
+        """The pieces of value bytes ``[start, start + nbytes)``."""
+        i = bisect.bisect_right(self.starts, start) - 1
+        stop = start + nbytes
+        while nbytes and i < len(self.pieces) and self.starts[i] < stop:
+            file, offset, size = self.pieces[i]
+            lo, hi = max(start, self.starts[i]), min(stop, self.starts[i] + size)
+            yield file, offset + lo - self.starts[i], hi - lo
+            i += 1
+
+
+class Traced(torch.Tensor):
+    """A data-less tensor that knows where each byte of its value comes from.
+
+    Its ``dtype`` is what the library sees (it may cast on load: the runs stay in
+    ``stored_dtype``); ``stored_names`` are the checkpoint tensors it is made from. A poisoned
+    one (``reason`` set) came out of an op that byte runs cannot express.
+    """
+
+    byte_layout: _Layout | None
+    stored_dtype: torch.dtype
+    stored_names: tuple[str, ...]
+    reason: str | None
+
+    @staticmethod
+    def __new__(cls, shape, dtype: torch.dtype, stored_dtype: torch.dtype, layout: _Layout | None,
+                names: tuple[str, ...], reason: str | None = None):
+        t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=torch.device("meta"))
+        t.byte_layout, t.stored_dtype, t.stored_names, t.reason = layout, stored_dtype, names, reason
+        return t
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    @classmethod
+    def of(cls, rec: TensorRecord) -> Traced:
+        return cls(rec.shape, rec.dtype, rec.dtype, _Layout.of([(rec.file, rec.offset, rec.nbytes)]), (rec.name,))
+
+    def __repr__(self) -> str:
+        return f"Traced({list(self.shape)}, {self.dtype}, from {list(self.stored_names)[:3]}" + \
+               (f", not streamable: {self.reason})" if self.reason else ")")
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        traced = [a for a in _pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
+        names = tuple(dict.fromkeys(n for t in traced for n in t.stored_names))
+        metas = _pytree.tree_map_only(Traced, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
+                                      (args, kwargs))
+        out = func(*metas[0], **metas[1])  # shapes and dtypes as the op gives them
+        poisoned = next((t.reason for t in traced if t.reason), None)
+        if poisoned is None:
+            try:
+                layouts = _trace(func, args, kwargs, metas, out)
+            except ConversionNotStreamableError as exc:
+                poisoned = str(exc)
+        if poisoned is not None:
+            stored = traced[0].stored_dtype if traced else torch.uint8
+            return _pytree.tree_map_only(torch.Tensor, lambda m: Traced(m.shape, m.dtype, stored, None, names, poisoned), out)
+        stored = traced[0].stored_dtype
+        it = iter(layouts)
+        return _pytree.tree_map_only(torch.Tensor, lambda m: Traced(m.shape, m.dtype, stored, next(it), names), out)
+
+
+def trace(rec: TensorRecord) -> Traced:
+    """A :class:`Traced` stand-in for the stored tensor ``rec``."""
+    return Traced.of(rec)
+
+
+def source_of(name: str, value: object) -> TensorSource:
+    """The source of a conversion's result ``value`` for the model's tensor ``name``.
+
+    Raises:
+        ConversionNotStreamableError: ``value`` is not a traced tensor whose bytes are runs
+            of the checkpoint; the message says why.
+    """
+    if not isinstance(value, Traced):
+        raise ConversionNotStreamableError(f"the conversion made it a {type(value).__name__}, not a checkpoint tensor")
+    if value.reason:
+        raise ConversionNotStreamableError(value.reason)
+    itemsize = value.stored_dtype.itemsize
+    runs = tuple(ByteRun(f, o, n, s) for (f, o, n), s in zip(value.byte_layout.pieces, value.byte_layout.starts))
+    if len(runs) > MAX_RUNS:
+        raise ConversionNotStreamableError(f"its value is {len(runs)} separate pieces of the checkpoint "
+                                           f"(more than {MAX_RUNS}): an element-wise reordering")
+    assert sum(r.nbytes for r in runs) == value.numel() * itemsize
+    return TensorSource(name, value.stored_dtype, tuple(value.shape), runs, value.stored_names)
+
+
+# Ops that make a new tensor holding the same values (a copy, or a cast whose bytes the
+# streamer's own cast makes on the device).
+_COPIES = {"clone", "_to_copy", "contiguous", "lift_fresh", "lift_fresh_copy", "detach", "alias", "_unsafe_view",
+           "view", "reshape", "_reshape_alias"}
+_JOINS = {"cat", "stack"}
+
+
+def _trace(func, args, kwargs, metas, out) -> list[_Layout]:
+    """The layout of each tensor ``func`` returns, in pytree order."""
+    name = func.overloadpacket.__name__
+    tensors = [a for a in _pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    if any(not isinstance(t, Traced) for t in tensors):
+        raise ConversionNotStreamableError(f"{name} mixes it with a tensor the checkpoint does not hold")
+    if len({t.stored_dtype for t in tensors}) > 1:
+        raise ConversionNotStreamableError(f"{name} joins tensors stored in different dtypes "
+                                           f"({sorted({str(t.stored_dtype) for t in tensors})})")
+    if name in _JOINS:
+        return [_join(name, args, kwargs)]
+    outs = [m for m in _pytree.tree_leaves(out) if isinstance(m, torch.Tensor)]
+    if name in _COPIES and len(tensors) == 1 and len(outs) == 1 and outs[0].numel() == tensors[0].numel():
+        return [tensors[0].byte_layout]
+    schema_returns = func._schema.returns
+    if len(tensors) == 1 and schema_returns and all(r.alias_info is not None for r in schema_returns):
+        base = [m for m in _pytree.tree_leaves(metas) if isinstance(m, torch.Tensor)][0]
+        return [_strided(tensors[0], m, base) for m in outs]
+    raise ConversionNotStreamableError(f"{name} computes new values (only views, copies, concatenations and stacks "
+                                       "can be read as byte runs)")
+
+
+def _join(name: str, args, kwargs) -> _Layout:
+    tensors = list(args[0])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if name == "stack":
+        dim = dim % (tensors[0].dim() + 1)
+        shapes = [(*t.shape[:dim], 1, *t.shape[dim:]) for t in tensors]
+    else:
+        tensors = [t for t in tensors if not (t.dim() == 1 and t.numel() == 0)]  # cat skips legacy empty tensors
+        dim = dim % tensors[0].dim()
+        shapes = [tuple(t.shape) for t in tensors]
+    itemsize = tensors[0].stored_dtype.itemsize
+    outer = math.prod(shapes[0][:dim])
+    slabs = [math.prod(s[dim:]) * itemsize for s in shapes]
+    if outer * len(tensors) > MAX_RUNS:
+        raise ConversionNotStreamableError(f"{name} along dim {dim} interleaves {outer * len(tensors)} pieces")
+    pieces = []
+    for o in range(outer):
+        for t, slab in zip(tensors, slabs):
+            pieces.extend(t.byte_layout.slab(o * slab, slab))
+    return _Layout.of(pieces)
+
+
+def _strided(t: Traced, view: torch.Tensor, base: torch.Tensor) -> _Layout:
+    """The layout of ``view``, a view of the meta stand-in ``base`` of ``t``."""
+    itemsize = t.stored_dtype.itemsize
+    if view.numel() == 0:
+        return _Layout.of([])
+    sizes, strides = list(view.shape), list(view.stride())
+    offset = view.storage_offset() - base.storage_offset()
+    # The trailing dims laid out contiguously form one block; the others index blocks.
+    block, d = 1, len(sizes)
+    while d > 0 and (sizes[d - 1] == 1 or strides[d - 1] == block):
+        block *= sizes[d - 1]
+        d -= 1
+    outer_sizes, outer_strides = sizes[:d], strides[:d]
+    n_blocks = math.prod(outer_sizes)
+    if n_blocks > MAX_RUNS:
+        raise ConversionNotStreamableError(f"a view of it reorders it into {n_blocks} separate pieces")
+    starts = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(outer_sizes, outer_strides):
+        starts = starts.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    pieces = []
+    for start in (starts.reshape(-1) + offset).tolist():
+        pieces.extend(t.byte_layout.slab(start * itemsize, block * itemsize))
+    return _Layout.of(pieces)
