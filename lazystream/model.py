@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapters import build_skeleton, family_of, find_blocks, model_class, require_config
+from .adapters import (build_skeleton, default_dtype, family_of, find_blocks, library_of, model_class,
+                       require_config)
 from .checkpoint import Checkpoint
 from .conversions import sources_for
 from .header import TensorRecord
@@ -96,7 +96,7 @@ class LazyStreamModel:
         try:
             config = require_config(ckpt.config, ckpt.folder)
             cls = model_cls or model_class(config, ckpt.folder / "config.json")
-            dtype = dtype or checkpoint_dtype(ckpt)
+            dtype = dtype or default_dtype(library_of(cls), config, ckpt)
             model = build_skeleton(cls, config, dtype)
             _attach(model, ckpt, request, device=device, dtype=dtype, blocks=blocks, io=io, owns_checkpoint=True,
                     built_here=True, load=load)
@@ -135,7 +135,8 @@ def attach(
     owns = not isinstance(repo_or_path, Checkpoint)
     ckpt = Checkpoint.open(repo_or_path, **resolve_kwargs) if owns else repo_or_path
     try:
-        _attach(model, ckpt, request, device=device, dtype=dtype or checkpoint_dtype(ckpt), blocks=blocks, io=io,
+        _attach(model, ckpt, request, device=device, dtype=dtype or default_dtype(library_of(model), ckpt.config, ckpt),
+                blocks=blocks, io=io,
                 owns_checkpoint=owns)
     except BaseException:
         if owns:
@@ -152,13 +153,13 @@ def streamer_of(model: nn.Module) -> Streamer:
     return streamer
 
 
-def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's bytes (float32 if none)."""
-    sizes: Counter[torch.dtype] = Counter()
-    for rec in ckpt.values():
-        if rec.dtype.is_floating_point:
-            sizes[rec.dtype] += rec.nbytes
-    return sizes.most_common(1)[0][0] if sizes else torch.float32
+def checkpoint_dtype(records: Mapping[str, TensorRecord], config: Mapping | None = None) -> torch.dtype:
+    """The dtype the library named by ``config`` (default: the checkpoint's own) gives the
+    model when no ``dtype=`` is asked for; see :func:`lazystream.adapters.default_dtype`."""
+    config = config if config is not None else getattr(records, "config", None)
+    library = ("diffusers" if "_class_name" in config else "transformers" if "model_type" in config
+               or "architectures" in config else "torch") if config else "torch"
+    return default_dtype(library, config, records)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

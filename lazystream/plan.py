@@ -105,6 +105,7 @@ class StreamPlan:
     checkpoint_buffers: tuple[TensorSource, ...]  # buffers whose values the checkpoint holds
     slot_bytes: int
     scratch_bytes: int  # converted tensors of the streamed block in use
+    param_bytes: int  # stored bytes of every parameter the checkpoint holds, in blocks or not
     prediction: Prediction | None = None
     budget: Budget | None = None
 
@@ -124,6 +125,16 @@ class StreamPlan:
     def streamed_bytes(self) -> int:
         """Bytes read per call when every streamed block runs once."""
         return sum(b.nbytes for b in self.streamed)
+
+    @property
+    def block_share(self) -> float:
+        """The share of the parameter bytes inside blocks: what keep_gpu=0 streams."""
+        return sum(b.nbytes for b in self.blocks) / self.param_bytes if self.param_bytes else 0.0
+
+    @property
+    def streamed_share(self) -> float:
+        """The share of the parameter bytes this plan streams."""
+        return self.streamed_bytes / self.param_bytes if self.param_bytes else 0.0
 
     def estimate_device_bytes(self, keep_gpu: int) -> int:
         """An upper bound of the device bytes the same model would need with ``keep_gpu``
@@ -153,7 +164,8 @@ class StreamPlan:
             f"  device memory {self.device_bytes / mib:.1f} MiB = resident {self.resident_bytes / mib:.1f}"
             f" + buffers {self.kept_bytes / mib:.1f} + {self.slots} slot(s) x {self.slot_bytes / mib:.1f}"
             f" + cast scratch {self.scratch_bytes / mib:.1f}",
-            f"  streamed per call {self.streamed_bytes / mib:.1f} MiB",
+            f"  streamed per call {self.streamed_bytes / mib:.1f} MiB, {self.streamed_share:.1%} of the weights "
+            f"(blocks hold {self.block_share:.1%}: keep_gpu=0 streams that)",
         ]
         if self.budget is not None:
             b = self.budget
@@ -182,6 +194,9 @@ class StreamPlan:
             "slot_bytes": self.slot_bytes,
             "scratch_bytes": self.scratch_bytes,
             "streamed_bytes_per_call": self.streamed_bytes,
+            "param_bytes": self.param_bytes,
+            "block_share": self.block_share,
+            "streamed_share": self.streamed_share,
             "budget": None if self.budget is None else vars(self.budget),
             "prediction": None if self.prediction is None else vars(self.prediction),
         }
@@ -278,6 +293,7 @@ def build_plan(
         checkpoint_buffers=tuple(sources[n] for n in buffer_names),
         slot_bytes=max((_layout([t.source for t in b.tensors], device.type)[1] for b in streamed), default=0),
         scratch_bytes=max((b.cast_bytes for b in streamed), default=0),
+        param_bytes=sum(sources[n].nbytes for names in owners.values() for n in names),
     )
 
 

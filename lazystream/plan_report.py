@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     request = PlanRequest.of(keep_gpu, args.placement, args.prefetch, args.vram, args.activation_reserve)
     records, config, shard, ident = _headers(args.repo, args.subfolder, args.revision)
     cls = model_class(require_config(config, Path(args.repo)), Path(args.repo) / "config.json")
-    dtype = getattr(torch, args.dtype) if args.dtype else checkpoint_dtype(records)
+    dtype = getattr(torch, args.dtype) if args.dtype else checkpoint_dtype(records, config)
     model = build_skeleton(cls, config, dtype)
     device = resolve_device(args.device)
     plan, _ = make_model_plan(model, records, request, device=device, dtype=dtype, blocks=None, built_here=True,
