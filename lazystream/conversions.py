@@ -10,7 +10,8 @@ as byte runs of the checkpoint, and the streamer copies those runs like any othe
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
@@ -72,14 +73,17 @@ def transformers_sources(model: nn.Module, records: Mapping[str, TensorRecord]) 
 
 
 def single_file_sources(model: nn.Module, records: Mapping[str, TensorRecord],
-                        convert: Callable[[dict[str, Traced]], Mapping[str, object]]) -> SourceMap:
+                        convert: Callable[[dict[str, Traced]], Mapping[str, object]],
+                        ignored: Iterable[str] = ()) -> SourceMap:
     """Sources as a diffusers single-file loader converts ``records``: ``convert`` is its
-    checkpoint mapping function with its arguments bound (it takes and returns a state dict)."""
+    checkpoint mapping function with its arguments bound (it takes and returns a state
+    dict); ``ignored``: patterns of unused names the model class expects (not reported)."""
     expected = model.state_dict(keep_vars=True)
     checkpoint = {name: trace(rec) for name, rec in records.items()}
     if set(checkpoint) != set(expected):  # as diffusers' _should_convert_state_dict_to_diffusers
         checkpoint = dict(convert(checkpoint))
-    unused = [name for name in checkpoint if name not in expected]
+    unused = [name for name in checkpoint if name not in expected
+              and not any(re.search(pattern, name) for pattern in ignored)]
     return _sources(model, {n: v for n, v in checkpoint.items() if n in expected}, unused)
 
 

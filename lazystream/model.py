@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import (build_skeleton, default_dtype, family_of, find_blocks, library_of, model_class,
+from .adapters import (ModelFamily, build_skeleton, default_dtype, family_of, find_blocks, library_of, model_class,
                        require_config)
 from .checkpoint import Checkpoint
 from .conversions import sources_for
@@ -19,6 +19,7 @@ from .io import IOConfig
 from . import probe
 from .planner import PlanRequest, make_plan, plan_builder
 from .plan import StreamPlan
+from .source import SourceMap
 from .streamer import Streamer
 
 _ATTR = "_lazystream"
@@ -105,6 +106,83 @@ class LazyStreamModel:
             raise
         return model
 
+    @staticmethod
+    def from_single_file(
+        path_or_repo_file: str | os.PathLike,
+        keep_gpu: int | str,
+        *,
+        config: str | os.PathLike | None = None,
+        subfolder: str | None = None,
+        model_cls: type[nn.Module] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        config_revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        blocks: str | Sequence[str] | None = None,
+        placement: str = "spread",
+        prefetch: int = 2,
+        io: IOConfig | None = None,
+        max_gpu_memory: int | str | None = None,
+        activation_reserve: int | str | None = None,
+        load: bool = True,
+        **kwargs,
+    ) -> nn.Module:
+        """Load a diffusers model from one safetensors file in its original layout (as
+        ComfyUI and model sites ship them: original key names, fused qkv), as diffusers'
+        ``Model.from_single_file`` does, with ``keep_gpu`` blocks resident and the others
+        streamed from the file. Each parameter diffusers' conversion assembles (a split
+        of a fused qkv, swapped halves) is read as byte runs of the file.
+
+        Args:
+            path_or_repo_file: a local file, or ``https://huggingface.co/<repo>/blob/main/<file>``
+                (from the Hugging Face cache when offline).
+            keep_gpu: as in :meth:`from_pretrained`.
+            config: a repo id or folder holding the model's diffusers config.json (with
+                ``subfolder``); default, as diffusers: the repo its key names identify,
+                at the class's default subfolder (needs ``model_cls``).
+            subfolder: the config's subfolder in ``config``.
+            model_cls: the diffusers class; default the one the config names.
+            dtype: as diffusers' from_single_file: default float32; otherwise every
+                floating tensor in dtype (its final ``.to(dtype)`` includes keep-in-fp32
+                modules), cast on the device.
+            revision: the file's revision on the hub; ``config_revision``: the config's.
+            device, cache_dir, local_files_only, token, blocks, placement, prefetch, io,
+                max_gpu_memory, activation_reserve, load: as in :meth:`from_pretrained`.
+            kwargs: keyword arguments of diffusers' from_single_file: the conversion
+                function's, and model config values.
+
+        Returns:
+            An instance of the model's class; ``lazystream.streamer_of(model)`` controls it.
+
+        Raises:
+            ValueError: bad keep_gpu, placement, prefetch or memory size.
+            CheckpointNotFoundError, UnsupportedFormatError: no such file, or not safetensors.
+            UnknownModelClassError: no class given or named, or one diffusers cannot load
+                from a single file.
+            UnsupportedConversionError: diffusers computes some values at load (names them).
+
+        Example:
+            >>> model = LazyStreamModel.from_single_file(
+            ...     "z_image_turbo_bf16.safetensors", keep_gpu=22, config="Tongyi-MAI/Z-Image-Turbo",
+            ...     subfolder="transformer", dtype=torch.bfloat16)
+        """
+        from .single_file import open_single_file
+
+        request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
+        opened = open_single_file(path_or_repo_file, config=config, subfolder=subfolder, model_cls=model_cls,
+                                  dtype=dtype, revision=revision, config_revision=config_revision,
+                                  cache_dir=cache_dir, local_files_only=local_files_only, token=token, **kwargs)
+        try:
+            _attach(opened.model, opened.checkpoint, request, device=device, dtype=opened.dtype, blocks=blocks, io=io,
+                    owns_checkpoint=True, load=load, sources=opened.sources, family=opened.family)
+        except BaseException:
+            opened.checkpoint.close()
+            raise
+        return opened.model
+
 
 def attach(
     model: nn.Module,
@@ -171,13 +249,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], request: PlanRequest, *,
                     device: torch.device, dtype: torch.dtype, blocks, built_here: bool, measure: bool,
-                    checkpoint_id: str, shard: Path | None):
+                    checkpoint_id: str, shard: Path | None, sources: SourceMap | None = None,
+                    family: ModelFamily | None = None):
     """The plan for ``model`` and, when a calibration call is still needed, the callback
     that re-plans with its result. ``measure``: run the bandwidth probe (cached per
     machine; ``shard`` is a local file to time reads of) even where the plan does not
-    need it, for its predicted time."""
-    build = plan_builder(model, sources_for(model, records), find_blocks(model, blocks), dtype=dtype,
-                         family=family_of(model, dtype, built_here=built_here), device=device)
+    need it, for its predicted time. ``sources`` and ``family``: a loader's own (a
+    single-file conversion's), instead of those of the model's library for ``records``."""
+    build = plan_builder(model, sources if sources is not None else sources_for(model, records),
+                         find_blocks(model, blocks), dtype=dtype,
+                         family=family or family_of(model, dtype, built_here=built_here), device=device)
     if not (measure or request.keep_gpu == "auto" or request.placement == "cost"):
         return build(keep_gpu=request.keep_gpu, placement=request.placement, prefetch=request.prefetch), None
     bw = probe.bandwidth(device, shard)
@@ -200,11 +281,12 @@ def checkpoint_id(ckpt: Checkpoint) -> str:
 
 
 def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, owns_checkpoint,
-            built_here=False, load=True) -> None:
+            built_here=False, load=True, sources=None, family=None) -> None:
     _refuse_other_offloaders(model)
     plan, on_calibrated = make_model_plan(model, ckpt, request, device=resolve_device(device), dtype=dtype,
                                           blocks=blocks, built_here=built_here, measure=False,
-                                          checkpoint_id=checkpoint_id(ckpt), shard=ckpt.shard_paths[0])
+                                          checkpoint_id=checkpoint_id(ckpt), shard=ckpt.shard_paths[0],
+                                          sources=sources, family=family)
     streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint,
                         on_calibrated=on_calibrated)
     try:

@@ -105,9 +105,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _resolve_size(family: str, size: str | Mapping[str, Any]) -> dict[str, Any]:
-    """The preset named ``size``, or ``size`` merged onto the "tiny" preset (deep copies)."""
-    presets = SIZES[family]
+def _resolve_size(family: str, size: str | Mapping[str, Any],
+                  presets: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The preset named ``size`` (of ``presets``, default ``SIZES[family]``), or ``size``
+    merged onto the "tiny" preset (deep copies)."""
+    presets = presets if presets is not None else SIZES[family]
     if isinstance(size, str):
         if size not in presets:
             raise ValueError(f"unknown {family} size {size!r}; expected one of {sorted(presets)} or a dict")
