@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import Progress, _fill_random, _resolve_size, zimage_config
+from . import Progress, fill_random_weights, _resolve_size, zimage_config
 
 FLUX2_SIZES: dict[str, dict[str, Any]] = {
     # 0.2M parameters: 2 double-stream and 2 single-stream blocks of width 32.
@@ -143,7 +143,7 @@ def _build(cls, config: Mapping[str, Any], original: Callable[..., dict[str, tor
     report = progress or (lambda line: None)
     with init_empty_weights(include_buffers=False):
         model = cls(**config)
-    numel = _fill_random(model, dtype, seed)
+    numel = fill_random_weights(model, dtype, seed)
     state = original(model.state_dict(), prefix)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
