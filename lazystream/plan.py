@@ -369,8 +369,9 @@ def _file_order(source: TensorSource) -> tuple[str, int]:
 
 
 def _follows(prev: TensorSource | None, source: TensorSource) -> bool:
-    """Whether ``source`` is one run that starts where ``prev``, one run, ends in the file."""
-    return (prev is not None and len(prev.runs) == 1 and len(source.runs) == 1
+    """Whether ``source``, a view of one run, starts where ``prev``, one too, ends in the file."""
+    return (prev is not None and len(prev.runs) == 1 and len(source.runs) == 1 and not prev.fresh
+            and not source.fresh
             and prev.runs[0].file == source.runs[0].file
             and prev.runs[0].offset + prev.runs[0].nbytes == source.runs[0].offset)
 
@@ -378,12 +379,12 @@ def _follows(prev: TensorSource | None, source: TensorSource) -> bool:
 def _layout(sources: Sequence[TensorSource], device_type: str) -> tuple[list[int], int]:
     """Offsets for ``sources`` (in file order) aligned as the library's loader aligns
     them on ``device_type`` (see MAP_ALIGN); the buffer's size. A value the library
-    assembles from several runs is a fresh allocation there: MAP_ALIGN-aligned."""
+    assembles (a stack, a concatenation) is a fresh allocation there: MAP_ALIGN-aligned."""
     offsets, end, prev = [], 0, None
     for rec in sources:
         if device_type == "cuda":
             end = _round_up(end, GRANULE)
-        elif not rec.is_view or not rec.runs:
+        elif rec.fresh or not rec.runs:
             end = _round_up(end, MAP_ALIGN)
         elif not _follows(prev, rec):
             end = _round_up(end, MAP_ALIGN) + rec.runs[0].offset % MAP_ALIGN

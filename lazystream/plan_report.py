@@ -22,8 +22,9 @@ from .planner import PlanRequest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("repo", help="a folder or a Hugging Face repo id")
+    parser.add_argument("repo", help="a folder or a Hugging Face repo id, or a single .safetensors file (with --config)")
     parser.add_argument("--subfolder")
+    parser.add_argument("--config", help="for a single file: the repo or folder of its diffusers config (with --subfolder)")
     parser.add_argument("--revision")
     parser.add_argument("--vram", help="device memory budget for --keep-gpu auto, e.g. 8GiB")
     parser.add_argument("--keep-gpu", default="auto", help="resident blocks, or 'auto' (default)")
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     keep_gpu: int | str = args.keep_gpu if args.keep_gpu == "auto" else int(args.keep_gpu)
     request = PlanRequest.of(keep_gpu, args.placement, args.prefetch, args.vram, args.activation_reserve)
+    if args.config is not None or str(args.repo).endswith(".safetensors"):
+        return _print(args, *_single_file_plan(args, request))
     records, config, shard, ident = _headers(args.repo, args.subfolder, args.revision)
     cls = model_class(require_config(config, Path(args.repo)), Path(args.repo) / "config.json")
     dtype = getattr(torch, args.dtype) if args.dtype else checkpoint_dtype(records, config)
@@ -45,11 +48,29 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     plan, _ = make_model_plan(model, records, request, device=device, dtype=dtype, blocks=None, built_here=True,
                               measure=True, checkpoint_id=ident, shard=shard)
+    return _print(args, plan, cls.__name__, device)
+
+
+def _single_file_plan(args: argparse.Namespace, request: PlanRequest) -> tuple[StreamPlan, str, torch.device]:
+    """The plan of a single-file checkpoint: its conversion traced from the headers alone."""
+    from .single_file import open_single_file
+
+    opened = open_single_file(args.repo, config=args.config, subfolder=args.subfolder,
+                              dtype=getattr(torch, args.dtype) if args.dtype else None, revision=args.revision)
+    device = resolve_device(args.device)
+    with opened.checkpoint as ckpt:
+        plan, _ = make_model_plan(opened.model, ckpt, request, device=device, dtype=opened.dtype, blocks=None,
+                                  built_here=True, measure=True, checkpoint_id=checkpoint_id(ckpt),
+                                  shard=ckpt.shard_paths[0], sources=opened.sources, family=opened.family)
+    return plan, type(opened.model).__name__, device
+
+
+def _print(args: argparse.Namespace, plan: StreamPlan, class_name: str, device: torch.device) -> int:
     staging = IOConfig().staging_bytes * IOConfig().staging_buffers if device.type == "cuda" else 0
     if args.json:
-        print(json.dumps({**plan.summary(), "model_class": cls.__name__, "host_staging_bytes": staging}, indent=1))
+        print(json.dumps({**plan.summary(), "model_class": class_name, "host_staging_bytes": staging}, indent=1))
     else:
-        print(render(plan, cls.__name__, staging))
+        print(render(plan, class_name, staging))
     return 0
 
 

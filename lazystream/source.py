@@ -46,7 +46,10 @@ class TensorSource:
 
     Its ``runs``, laid at their ``dest`` offsets, cover ``[0, nbytes)`` exactly once and
     make the value, row-major, in the stored ``dtype`` and of ``shape`` (the model's).
-    ``stored`` names the checkpoint tensors the runs lie in.
+    ``stored`` names the checkpoint tensors the runs lie in. ``fresh``: the library's
+    loader makes the value a new tensor (a stack, a concatenation, a copy), not a view
+    of the mapped file (a stored tensor, or a piece of one split along its first
+    dimension); on the CPU that decides its alignment, and so the kernels that read it.
     """
 
     name: str
@@ -54,6 +57,7 @@ class TensorSource:
     shape: tuple[int, ...]
     runs: tuple[ByteRun, ...]
     stored: tuple[str, ...]
+    fresh: bool = False
 
     @classmethod
     def of(cls, rec: TensorRecord, name: str | None = None) -> TensorSource:
@@ -73,12 +77,6 @@ class TensorSource:
     def file(self) -> Path | None:
         """The file of its first run, for messages."""
         return self.runs[0].file if self.runs else None
-
-    @property
-    def is_view(self) -> bool:
-        """Whether the library's loader leaves the value a view of the stored bytes (one
-        run: a stored tensor or a piece of one) rather than a fresh tensor it assembles."""
-        return len(self.runs) <= 1
 
     def within(self, start: int, stop: int) -> list[ByteRun]:
         """The runs of value bytes ``[start, stop)``, with ``dest`` counted from ``start``."""
@@ -110,13 +108,15 @@ class ConversionNotStreamableError(Exception):
 
 @dataclass(frozen=True)
 class _Layout:
-    """A row-major value as consecutive pieces (file, offset, nbytes) of stored bytes."""
+    """A row-major value as consecutive pieces (file, offset, nbytes) of stored bytes;
+    ``fresh``: a new tensor, not a view of the stored bytes."""
 
     pieces: tuple[tuple[Path, int, int], ...]
     starts: tuple[int, ...]  # each piece's first byte in the value
+    fresh: bool
 
     @classmethod
-    def of(cls, pieces: Iterable[tuple[Path, int, int]]) -> _Layout:
+    def of(cls, pieces: Iterable[tuple[Path, int, int]], fresh: bool) -> _Layout:
         merged: list[tuple[Path, int, int]] = []
         for file, offset, nbytes in pieces:
             if nbytes == 0:
@@ -129,7 +129,7 @@ class _Layout:
         for piece in merged:
             starts.append(end)
             end += piece[2]
-        return cls(tuple(merged), tuple(starts))
+        return cls(tuple(merged), tuple(starts), fresh)
 
     def slab(self, start: int, nbytes: int) -> Iterable[tuple[Path, int, int]]:
         """The pieces of value bytes ``[start, start + nbytes)``."""
@@ -167,7 +167,8 @@ class Traced(torch.Tensor):
 
     @classmethod
     def of(cls, rec: TensorRecord) -> Traced:
-        return cls(rec.shape, rec.dtype, rec.dtype, _Layout.of([(rec.file, rec.offset, rec.nbytes)]), (rec.name,))
+        return cls(rec.shape, rec.dtype, rec.dtype, _Layout.of([(rec.file, rec.offset, rec.nbytes)], False),
+                   (rec.name,))
 
     def __repr__(self) -> str:
         return f"Traced({list(self.shape)}, {self.dtype}, from {list(self.stored_names)[:3]}" + \
@@ -180,8 +181,7 @@ class Traced(torch.Tensor):
         kwargs = kwargs or {}
         traced = [a for a in _pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
         names = tuple(dict.fromkeys(n for t in traced for n in t.stored_names))
-        metas = _pytree.tree_map_only(Traced, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
-                                      (args, kwargs))
+        metas = _pytree.tree_map_only(torch.Tensor, _meta_of, (args, kwargs))
         out = func(*metas[0], **metas[1])  # shapes and dtypes as the op gives them
         poisoned = next((t.reason for t in traced if t.reason), None)
         if poisoned is None:
@@ -195,6 +195,11 @@ class Traced(torch.Tensor):
         stored = traced[0].stored_dtype
         it = iter(layouts)
         return _pytree.tree_map_only(torch.Tensor, lambda m: Traced(m.shape, m.dtype, stored, next(it), names), out)
+
+
+def _meta_of(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous meta stand-in: views of it keep their offsets and strides."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
 def trace(rec: TensorRecord) -> Traced:
@@ -219,13 +224,14 @@ def source_of(name: str, value: object) -> TensorSource:
         raise ConversionNotStreamableError(f"its value is {len(runs)} separate pieces of the checkpoint "
                                            f"(more than {MAX_RUNS}): an element-wise reordering")
     assert sum(r.nbytes for r in runs) == value.numel() * itemsize
-    return TensorSource(name, value.stored_dtype, tuple(value.shape), runs, value.stored_names)
+    return TensorSource(name, value.stored_dtype, tuple(value.shape), runs, value.stored_names,
+                        value.byte_layout.fresh)
 
 
-# Ops that make a new tensor holding the same values (a copy, or a cast whose bytes the
-# streamer's own cast makes on the device).
-_COPIES = {"clone", "_to_copy", "contiguous", "lift_fresh", "lift_fresh_copy", "detach", "alias", "_unsafe_view",
-           "view", "reshape", "_reshape_alias"}
+# Ops whose result holds the same values: new tensors (a copy, or a cast whose bytes the
+# streamer's own cast makes on the device), and views under another shape.
+_COPIES = {"clone", "_to_copy", "contiguous", "lift_fresh_copy"}
+_SAME = {"lift_fresh", "detach", "alias", "_unsafe_view", "view", "reshape", "_reshape_alias"}
 _JOINS = {"cat", "stack"}
 
 
@@ -241,8 +247,9 @@ def _trace(func, args, kwargs, metas, out) -> list[_Layout]:
     if name in _JOINS:
         return [_join(name, args, kwargs)]
     outs = [m for m in _pytree.tree_leaves(out) if isinstance(m, torch.Tensor)]
-    if name in _COPIES and len(tensors) == 1 and len(outs) == 1 and outs[0].numel() == tensors[0].numel():
-        return [tensors[0].byte_layout]
+    if name in _COPIES | _SAME and len(tensors) == 1 and len(outs) == 1 and outs[0].numel() == tensors[0].numel():
+        layout = tensors[0].byte_layout
+        return [_Layout(layout.pieces, layout.starts, layout.fresh or name in _COPIES)]
     schema_returns = func._schema.returns
     if len(tensors) == 1 and schema_returns and all(r.alias_info is not None for r in schema_returns):
         base = [m for m in _pytree.tree_leaves(metas) if isinstance(m, torch.Tensor)][0]
@@ -270,14 +277,14 @@ def _join(name: str, args, kwargs) -> _Layout:
     for o in range(outer):
         for t, slab in zip(tensors, slabs):
             pieces.extend(t.byte_layout.slab(o * slab, slab))
-    return _Layout.of(pieces)
+    return _Layout.of(pieces, fresh=True)
 
 
 def _strided(t: Traced, view: torch.Tensor, base: torch.Tensor) -> _Layout:
     """The layout of ``view``, a view of the meta stand-in ``base`` of ``t``."""
     itemsize = t.stored_dtype.itemsize
     if view.numel() == 0:
-        return _Layout.of([])
+        return _Layout.of([], t.byte_layout.fresh)
     sizes, strides = list(view.shape), list(view.stride())
     offset = view.storage_offset() - base.storage_offset()
     # The trailing dims laid out contiguously form one block; the others index blocks.
@@ -295,4 +302,4 @@ def _strided(t: Traced, view: torch.Tensor, base: torch.Tensor) -> _Layout:
     pieces = []
     for start in (starts.reshape(-1) + offset).tolist():
         pieces.extend(t.byte_layout.slab(start * itemsize, block * itemsize))
-    return _Layout.of(pieces)
+    return _Layout.of(pieces, t.byte_layout.fresh)
