@@ -152,3 +152,39 @@ def test_a_pipeline_streams_a_single_file_transformer(tmp_path):
     phases_of(pipe).close()
     with pytest.raises(ValueError, match="single_files names"):
         LazyStreamPipeline.from_pretrained(path, {"text_encoder": 1}, single_files={"transformer": file})
+
+
+def _keeps_holes(folder) -> bool:
+    probe = folder / "sparse-probe"
+    with open(probe, "wb") as f:
+        f.truncate(2**24)
+    sparse = probe.stat().st_blocks * 512 < 2**20
+    probe.unlink()
+    return sparse
+
+
+def test_plan_of_a_real_size_flux1_file_from_its_header(tmp_path, capsys):
+    """FLUX.1-dev as flux1-dev.safetensors lays it out (11.9B parameters in bfloat16, a
+    sparse file here): diffusers' conversion, which only takes the real 3072-wide layers,
+    traced from the header alone."""
+    if not _keeps_holes(tmp_path):
+        pytest.skip("this file system does not keep holes: the file would take 24 GB")
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    from lazystream.cli import main
+    from lazystream.synthetic.single_file import original_flux_state, write_header_only
+
+    with init_empty_weights():
+        model = FluxTransformer2DModel(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                       num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                                       guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    model.save_config(tmp_path / "config")
+    state = original_flux_state({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    file = write_header_only(tmp_path / "flux1-dev.safetensors", state)
+    assert main(["plan", str(file), "--config", str(tmp_path / "config"), "--keep-gpu", "20", "--device", "cpu",
+                 "--dtype", "bfloat16", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model_class"] == "FluxTransformer2DModel" and len(plan["blocks"]) == 19 + 38
+    assert plan["param_bytes"] == sum(p.numel() for p in model.parameters()) * 2
+    assert plan["block_share"] > 0.99 and sum(b["resident"] for b in plan["blocks"]) == 20

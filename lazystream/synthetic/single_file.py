@@ -7,6 +7,7 @@ inverse of diffusers' single-file conversion, written as one safetensors file.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -101,6 +102,76 @@ def original_flux2_state(state: Mapping[str, torch.Tensor], prefix: str = "") ->
                 scale, shift = value.chunk(2)
                 value = torch.cat([shift, scale])
             out[f"{prefix}{top[module]}.{kind}"] = value
+    return out
+
+
+def original_flux_state(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """FLUX.1's original layout (``flux1-dev.safetensors``): ``double_blocks`` with fused
+    ``qkv``, ``single_blocks`` whose ``linear1`` fuses q, k, v and the MLP input, ``*_in``
+    embedders and the final modulation's (shift, scale) halves (the inverse of diffusers'
+    ``convert_flux_transformer_checkpoint_to_diffusers``, which only loads 3072-wide models)."""
+    top = {"x_embedder": "img_in", "context_embedder": "txt_in",
+           "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+           "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+           "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+           "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+           "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+           "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+           "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}
+    double = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+              "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+              "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+              "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+              "ff_context.net.2": "txt_mlp.2", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}
+    single = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+              "proj_out": "linear2"}
+    fused = {("transformer_blocks", "attn.to_q"): ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+             ("transformer_blocks", "attn.add_q_proj"):
+                 ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+             ("single_transformer_blocks", "attn.to_q"): ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))}
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        module, kind = name.rsplit(".", 1)
+        blocks, _, rest = module.partition(".")
+        if blocks in ("transformer_blocks", "single_transformer_blocks"):
+            index, inner = rest.split(".", 1)
+            original = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}[blocks]
+            names = double if blocks == "transformer_blocks" else single
+            if (blocks, inner) in fused:
+                inner, parts = fused[(blocks, inner)]
+                value = torch.cat([state[f"{blocks}.{index}.{p}.{kind}"] for p in parts])
+            elif inner in names:
+                inner = names[inner]
+            else:
+                continue  # a piece of a fused tensor, written with its first piece
+            kind = "scale" if ".norm." in f".{inner}" else kind
+            out[f"{prefix}{original}.{index}.{inner}.{kind}"] = value
+        else:
+            if module == "norm_out.linear":
+                scale, shift = value.chunk(2)
+                value = torch.cat([shift, scale])
+            out[f"{prefix}{top[module]}.{kind}"] = value
+    return out
+
+
+def write_header_only(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write a safetensors file whose header describes ``tensors`` (meta tensors will do) and
+    whose data section is a hole: a sparse file of the full size that takes no disk space
+    on file systems that keep holes. For planning a real-size checkpoint from its header."""
+    from lazystream.header import DTYPES
+
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    out = Path(path)
+    with open(out, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
     return out
 
 
