@@ -58,8 +58,11 @@ class LazyStreamModel:
             keep_gpu: blocks kept resident (int >= 0; more than the model has: all), or
                 "auto": as many as fit max_gpu_memory with the slots and activations.
             device: default CUDA when available, else CPU.
-            dtype: default the checkpoint's; otherwise cast as the library's own loader
-                would (keep-in-fp32 modules stay float32), on the device.
+            dtype: default the one the model's library chooses (transformers: the
+                config's dtype, else the checkpoint's first floating dtype other than
+                float8; diffusers: float32); tensors stored in another are cast as the
+                library's own loader would (keep-in-fp32 modules stay float32), on the
+                device: float8 weights stream as float8 bytes.
             subfolder, variant, revision, cache_dir, local_files_only, token: as in
                 ``from_pretrained`` of transformers and diffusers.
             model_cls: the class to build, e.g. a subclass; default the config's.
@@ -231,13 +234,11 @@ def streamer_of(model: nn.Module) -> Streamer:
     return streamer
 
 
-def checkpoint_dtype(records: Mapping[str, TensorRecord], config: Mapping | None = None) -> torch.dtype:
-    """The dtype the library named by ``config`` (default: the checkpoint's own) gives the
-    model when no ``dtype=`` is asked for; see :func:`lazystream.adapters.default_dtype`."""
-    config = config if config is not None else getattr(records, "config", None)
-    library = ("diffusers" if "_class_name" in config else "transformers" if "model_type" in config
-               or "architectures" in config else "torch") if config else "torch"
-    return default_dtype(library, config, records)
+def checkpoint_dtype(ckpt: Mapping[str, TensorRecord]) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's bytes, float8 aside (no model
+    can be built in it); float32 if none. Loading without ``dtype=`` follows the model's
+    library instead (see :func:`lazystream.adapters.default_dtype`)."""
+    return default_dtype("torch", None, ckpt)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

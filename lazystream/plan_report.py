@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from .adapters import build_skeleton, model_class, require_config
+from .adapters import build_skeleton, default_dtype, library_of, model_class, require_config
 from .checkpoint import Checkpoint
 from .errors import CheckpointNotFoundError
 from .header import DTYPES, TensorRecord
 from .io import IOConfig
-from .model import checkpoint_dtype, checkpoint_id, make_model_plan, resolve_device
+from .model import checkpoint_id, make_model_plan, resolve_device
 from .plan import StreamPlan
 from .planner import PlanRequest
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         return _print(args, *_single_file_plan(args, request))
     records, config, shard, ident = _headers(args.repo, args.subfolder, args.revision)
     cls = model_class(require_config(config, Path(args.repo)), Path(args.repo) / "config.json")
-    dtype = getattr(torch, args.dtype) if args.dtype else checkpoint_dtype(records, config)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(library_of(cls), config, records)
     model = build_skeleton(cls, config, dtype)
     device = resolve_device(args.device)
     plan, _ = make_model_plan(model, records, request, device=device, dtype=dtype, blocks=None, built_here=True,
