@@ -4,7 +4,9 @@ once, and reads of tensor bytes that are zero-copy or coalesced into one copy pe
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +106,16 @@ def copy_runs(placements: Iterable[TensorPlacement]) -> list[CopyRun]:
     return coalesce((run, t.offset + run.dest) for t in placements for run in t.source.runs)
 
 
+# Linux's value where Python's mmap module does not name it (before 3.13).
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
 class Shard:
     """One safetensors file, memory-mapped read-only for its whole life.
 
     The map is copy-on-write (as ``torch.UntypedStorage.from_file`` maps), so a caller
     who writes into a view gets private pages instead of a crash; the file never changes.
+    It reserves no memory up front: only pages written to take any.
     """
 
     def __init__(self, header: ShardHeader):
@@ -122,7 +129,12 @@ class Shard:
                 f"{self.path} changed while it was being opened ({header.file_size} bytes, now {st.st_size})",
                 path=self.path,
             )
-        self._map = np.memmap(self._file, dtype=np.uint8, mode="c")
+        # MAP_NORESERVE: a private writable map is otherwise charged in full against the
+        # commit limit, and one larger than RAM and swap (a 24 GB single-file checkpoint on
+        # a 16 GB machine) fails with ENOMEM under the default heuristic overcommit.
+        self._mmap = mmap.mmap(self._file.fileno(), 0, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map = np.frombuffer(self._mmap, dtype=np.uint8)
         self.bytes = torch.from_numpy(self._map)
 
     def check_unchanged(self) -> None:
@@ -156,6 +168,7 @@ class Shard:
         # Views handed out keep the mapping alive through their base; dropping ours is safe.
         self.bytes = None
         self._map = None
+        self._mmap = None
         self._file.close()
 
 

@@ -11,6 +11,7 @@ import torch
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from safetensors.torch import save_file
 
+from conftest import keeps_holes
 from lazystream import LazyStreamModel, streamer_of
 from lazystream.checkpoint import Checkpoint
 from lazystream.errors import CheckpointNotFoundError, UnknownModelClassError, UnsupportedFormatError
@@ -154,20 +155,11 @@ def test_a_pipeline_streams_a_single_file_transformer(tmp_path):
         LazyStreamPipeline.from_pretrained(path, {"text_encoder": 1}, single_files={"transformer": file})
 
 
-def _keeps_holes(folder) -> bool:
-    probe = folder / "sparse-probe"
-    with open(probe, "wb") as f:
-        f.truncate(2**24)
-    sparse = probe.stat().st_blocks * 512 < 2**20
-    probe.unlink()
-    return sparse
-
-
 def test_plan_of_a_real_size_flux1_file_from_its_header(tmp_path, capsys):
     """FLUX.1-dev as flux1-dev.safetensors lays it out (11.9B parameters in bfloat16, a
     sparse file here): diffusers' conversion, which only takes the real 3072-wide layers,
     traced from the header alone."""
-    if not _keeps_holes(tmp_path):
+    if not keeps_holes(tmp_path):
         pytest.skip("this file system does not keep holes: the file would take 24 GB")
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel

@@ -4,12 +4,14 @@ each library chooses, and blocks that cover a model's weights."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import keeps_holes
 from lazystream import LazyStreamModel, streamer_of
 from lazystream.adapters import default_dtype, find_blocks
 from lazystream.checkpoint import Checkpoint, copy_runs, read_value
@@ -157,6 +159,35 @@ def test_moe_plan_and_stream_read_headers_only_then_expert_runs(tmp_path, monkey
     experts = [t for b in plan.blocks for t in b.tensors if ".experts." in t.name]
     assert experts and all(len(t.source.runs) >= 1 for t in experts)
     streamer_of(model).close()
+
+
+def test_plan_of_a_real_size_moe_layout_from_its_headers(tmp_path, capsys):
+    """Qwen3-30B-A3B's layers (128 experts of 768, top 8) as save_pretrained writes them
+    (the library's own reverse conversion, 8 of its 48 layers here), in one sparse file of
+    10 GB: its stacked experts are traced from the header alone."""
+    if not keeps_holes(tmp_path):
+        pytest.skip("this file system does not keep holes: the file would take 10 GB")
+    from accelerate import init_empty_weights
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from lazystream.cli import main
+    from lazystream.synthetic.single_file import write_header_only
+
+    config = Qwen3MoeConfig(hidden_size=2048, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
+                            head_dim=128, vocab_size=151936, num_experts=128, num_experts_per_tok=8,
+                            moe_intermediate_size=768, dtype="bfloat16", architectures=["Qwen3MoeForCausalLM"])
+    with init_empty_weights():
+        model = Qwen3MoeForCausalLM(config)
+    stored = revert_weight_conversion(model, {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    assert "model.layers.0.mlp.experts.127.up_proj.weight" in stored
+    config.save_pretrained(tmp_path)
+    write_header_only(tmp_path / "model.safetensors", stored)
+    assert main(["plan", str(tmp_path), "--keep-gpu", "2", "--device", "cpu", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dtype"] == "bfloat16" and len(plan["blocks"]) == 8
+    assert plan["param_bytes"] == sum(p.numel() for p in model.parameters()) * 2
+    assert plan["blocks"][0]["bytes"] == sum(p.numel() for p in model.model.layers[0].parameters()) * 2
 
 
 # -- default dtype ------------------------------------------------------------------------
