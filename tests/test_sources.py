@@ -275,3 +275,18 @@ def test_assembled_values_are_laid_out_as_fresh_allocations_on_the_cpu(tmp_path)
         want = 0 if t.source.fresh else t.source.runs[0].offset % MAP_ALIGN
         assert t.offset % MAP_ALIGN == want, t.name
     streamer_of(model).close()
+
+
+def test_a_shard_larger_than_memory_maps(tmp_path):
+    """A single-file checkpoint can exceed RAM and swap; mapping it must not need them."""
+    if not keeps_holes(tmp_path):
+        pytest.skip("this file system does not keep holes")
+    from lazystream.synthetic.single_file import write_header_only
+
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    size = 2 * (info["MemTotal"] + info["SwapTotal"])
+    rows = size // (4 * 2**20) + 1
+    write_header_only(tmp_path / "huge.safetensors", {"w": torch.empty(rows, 2**20, device="meta")})
+    with Checkpoint.open(tmp_path) as ckpt:
+        assert ckpt["w"].nbytes > size and ckpt.tensor("w")[-1, :4].tolist() == [0.0] * 4
