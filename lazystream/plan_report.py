@@ -52,17 +52,48 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _single_file_plan(args: argparse.Namespace, request: PlanRequest) -> tuple[StreamPlan, str, torch.device]:
-    """The plan of a single-file checkpoint: its conversion traced from the headers alone."""
-    from .single_file import open_single_file
+    """The plan of a single-file checkpoint: its conversion traced from the header alone (a
+    local or cached file, else the hub's header by a range request)."""
+    from .resolve import _offline
+    from .single_file import convert_single_file, open_single_file
 
-    opened = open_single_file(args.repo, config=args.config, subfolder=args.subfolder,
-                              dtype=getattr(torch, args.dtype) if args.dtype else None, revision=args.revision)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     device = resolve_device(args.device)
+    local = Path(args.repo).expanduser().is_file()
+    try:
+        opened = open_single_file(args.repo, config=args.config, subfolder=args.subfolder, dtype=dtype,
+                                  revision=args.revision, local_files_only=not local)
+    except CheckpointNotFoundError:
+        if local or _offline(False):
+            raise
+        records, ident = _remote_single_file(args.repo, args.revision)
+        opened = convert_single_file(records, origin=args.repo, config=args.config, subfolder=args.subfolder,
+                                     dtype=dtype)
+        plan, _ = make_model_plan(opened.model, records, request, device=device, dtype=opened.dtype, blocks=None,
+                                  built_here=True, measure=True, checkpoint_id=ident, shard=None,
+                                  sources=opened.sources, family=opened.family)
+        return plan, type(opened.model).__name__, device
     with opened.checkpoint as ckpt:
         plan, _ = make_model_plan(opened.model, ckpt, request, device=device, dtype=opened.dtype, blocks=None,
                                   built_here=True, measure=True, checkpoint_id=checkpoint_id(ckpt),
                                   shard=ckpt.shard_paths[0], sources=opened.sources, family=opened.family)
     return plan, type(opened.model).__name__, device
+
+
+def _remote_single_file(url: str, revision: str | None) -> tuple[dict[str, TensorRecord], str]:
+    """The tensors of a hub single file (``https://huggingface.co/<repo>/blob/main/<file>``) from
+    its header, read by a range request."""
+    from huggingface_hub import parse_safetensors_file_metadata
+
+    from .resolve import hub_file
+
+    repo, filename = hub_file(url)
+    meta = parse_safetensors_file_metadata(repo, filename, revision=revision)
+    records = {name: TensorRecord(name=name, file=Path(filename), offset=info.data_offsets[0],
+                                  nbytes=info.data_offsets[1] - info.data_offsets[0], dtype=DTYPES[info.dtype],
+                                  shape=tuple(info.shape))
+               for name, info in meta.tensors.items()}
+    return records, f"hub:{repo}@{revision or 'main'}/{filename}"
 
 
 def _print(args: argparse.Namespace, plan: StreamPlan, class_name: str, device: torch.device) -> int:

@@ -206,11 +206,14 @@ def resolve_single_file(
     return SingleWeightsFile(path.parent, None, path)
 
 
-def _hub_single_file(text: str, revision, cache_dir, token, local_files_only) -> Path:
-    import re
+def hub_file(text: str) -> tuple[str, str]:
+    """(repo id, file name) of a Hugging Face file URL as diffusers' from_single_file reads
+    it: ``https://huggingface.co/<owner>/<repo>/blob/<revision>/<file>``.
 
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    Raises:
+        CheckpointNotFoundError: ``text`` is not such a URL.
+    """
+    import re
 
     rest = text
     for prefix in _HUB_URL_PREFIXES:
@@ -222,7 +225,14 @@ def _hub_single_file(text: str, revision, cache_dir, token, local_files_only) ->
             "'https://huggingface.co/<owner>/<repo>/blob/main/<file>.safetensors'",
             path=text,
         )
-    repo_id, filename = f"{match.group(1)}/{match.group(2)}", match.group(3)
+    return f"{match.group(1)}/{match.group(2)}", match.group(3)
+
+
+def _hub_single_file(text: str, revision, cache_dir, token, local_files_only) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, filename = hub_file(text)
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
                                     local_files_only=_offline(local_files_only)))

@@ -180,3 +180,37 @@ def test_plan_of_a_real_size_flux1_file_from_its_header(tmp_path, capsys):
     assert plan["model_class"] == "FluxTransformer2DModel" and len(plan["blocks"]) == 19 + 38
     assert plan["param_bytes"] == sum(p.numel() for p in model.parameters()) * 2
     assert plan["block_share"] > 0.99 and sum(b["resident"] for b in plan["blocks"]) == 20
+
+
+def test_plan_of_a_hub_single_file_reads_its_header_by_range_request(single_file, monkeypatch, tmp_path, capsys):
+    """Not in the cache and online: the header comes from the hub's range-request API; the
+    file is never downloaded."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from lazystream.cli import main
+    from lazystream.header import DTYPES, read_header
+
+    file, folder = single_file
+    header = read_header(file)
+    names = {dtype: name for name, dtype in DTYPES.items()}
+
+    def parse(repo, filename, revision=None):
+        assert (repo, filename) == ("someone/z-image", "z.safetensors")
+        start = header.data_start
+        return SimpleNamespace(tensors={r.name: SimpleNamespace(
+            dtype=names[r.dtype], shape=list(r.shape), data_offsets=(r.offset - start, r.offset - start + r.nbytes))
+            for r in header.records})
+
+    monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", parse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    args = ["--config", str(folder), "--subfolder", "transformer", "--keep-gpu", "3", "--device", "cpu", "--json"]
+    assert main(["plan", "https://huggingface.co/someone/z-image/blob/main/z.safetensors", *args]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert main(["plan", str(file), *args]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert remote["blocks"] == local["blocks"] and remote["param_bytes"] == local["param_bytes"]
