@@ -212,6 +212,33 @@ def test_default_dtype_is_the_one_each_library_chooses(tmp_path, library, config
         assert default_dtype(library, config, ckpt) == want
 
 
+def test_float8_weights_stream_as_float8_bytes_and_upcast_on_the_device(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from lazystream.synthetic import fill_random_weights
+
+    model = Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128))
+    fill_random_weights(model, torch.bfloat16, seed=0)
+    for module in model.model.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(module.weight.data.to(torch.float8_e4m3fn), requires_grad=False)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = Qwen3ForCausalLM.from_pretrained(tmp_path)(ids).logits  # the config's bfloat16, as transformers loads
+        streamed = LazyStreamModel.from_pretrained(tmp_path, keep_gpu=0, device="cpu")
+        assert torch.equal(streamed(ids).logits, want)
+    plan, stats = streamer_of(streamed).plan, streamer_of(streamed).stats()
+    linears = [t for b in plan.blocks for t in b.tensors if t.source.dtype == torch.float8_e4m3fn]
+    assert len(linears) == 2 * 7 and all(t.dtype == torch.bfloat16 and t.needs_cast for t in linears)
+    assert plan.dtype == torch.bfloat16 and plan.scratch_bytes >= max(t.source.numel * 2 for t in linears)
+    assert stats.last_call.bytes_streamed == sum(b.nbytes for b in plan.blocks)  # stored (float8) bytes
+    assert sum(b.nbytes for b in plan.blocks) < sum(t.source.numel * 2 for b in plan.blocks for t in b.tensors)
+    streamer_of(streamed).close()
+
+
 # -- blocks that cover the weights ---------------------------------------------------------
 
 
