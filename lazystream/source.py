@@ -147,20 +147,27 @@ class Traced(torch.Tensor):
 
     Its ``dtype`` is what the library sees (it may cast on load: the runs stay in
     ``stored_dtype``); ``stored_names`` are the checkpoint tensors it is made from. A poisoned
-    one (``reason`` set) came out of an op that byte runs cannot express.
+    one (``reason`` set, on it or on the tensor it is a view of, its ``base``) came out of
+    an op that byte runs cannot express, or was changed in place.
     """
 
     byte_layout: _Layout | None
     stored_dtype: torch.dtype
     stored_names: tuple[str, ...]
     reason: str | None
+    base: Traced | None
 
     @staticmethod
     def __new__(cls, shape, dtype: torch.dtype, stored_dtype: torch.dtype, layout: _Layout | None,
-                names: tuple[str, ...], reason: str | None = None):
+                names: tuple[str, ...], reason: str | None = None, base: Traced | None = None):
         t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=torch.device("meta"))
-        t.byte_layout, t.stored_dtype, t.stored_names, t.reason = layout, stored_dtype, names, reason
+        t.byte_layout, t.stored_dtype, t.stored_names, t.reason, t.base = layout, stored_dtype, names, reason, base
         return t
+
+    @property
+    def poison(self) -> str | None:
+        """Why its value is not byte runs of the checkpoint (None: it is)."""
+        return self.reason or (self.base.reason if self.base is not None else None)
 
     def __init__(self, *args, **kwargs):
         pass
@@ -183,18 +190,37 @@ class Traced(torch.Tensor):
         names = tuple(dict.fromkeys(n for t in traced for n in t.stored_names))
         metas = _pytree.tree_map_only(torch.Tensor, _meta_of, (args, kwargs))
         out = func(*metas[0], **metas[1])  # shapes and dtypes as the op gives them
-        poisoned = next((t.reason for t in traced if t.reason), None)
+        written = _written(func, args, kwargs)
+        if written:  # the library keeps using the tensor it changed (or its base): poison them
+            for t in written:
+                t.reason = f"{func.overloadpacket.__name__} changes it in place"
+                if t.base is not None:
+                    t.base.reason = t.reason
+            return written[0] if len(written) == 1 else tuple(written)
+        poisoned = next((t.poison for t in traced if t.poison), None)
         if poisoned is None:
             try:
-                layouts = _trace(func, args, kwargs, metas, out)
+                layouts, view_of = _trace(func, args, kwargs, metas, out)
             except ConversionNotStreamableError as exc:
                 poisoned = str(exc)
-        if poisoned is not None:
-            stored = traced[0].stored_dtype if traced else torch.uint8
-            return _pytree.tree_map_only(torch.Tensor, lambda m: Traced(m.shape, m.dtype, stored, None, names, poisoned), out)
         stored = traced[0].stored_dtype
+        if poisoned is not None:
+            return _pytree.tree_map_only(torch.Tensor, lambda m: Traced(m.shape, m.dtype, stored, None, names, poisoned),
+                                         out)
+        base = None if view_of is None else view_of if view_of.base is None else view_of.base
         it = iter(layouts)
-        return _pytree.tree_map_only(torch.Tensor, lambda m: Traced(m.shape, m.dtype, stored, next(it), names), out)
+        return _pytree.tree_map_only(torch.Tensor, lambda m: Traced(m.shape, m.dtype, stored, next(it), names,
+                                                                     base=base), out)
+
+
+def _written(func, args, kwargs) -> list[Traced]:
+    """The traced arguments an in-place or ``out=`` op writes to."""
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            out += [t for t in _pytree.tree_leaves(value) if isinstance(t, Traced)]
+    return out
 
 
 def _meta_of(t: torch.Tensor) -> torch.Tensor:
@@ -216,8 +242,8 @@ def source_of(name: str, value: object) -> TensorSource:
     """
     if not isinstance(value, Traced):
         raise ConversionNotStreamableError(f"the conversion made it a {type(value).__name__}, not a checkpoint tensor")
-    if value.reason:
-        raise ConversionNotStreamableError(value.reason)
+    if value.poison:
+        raise ConversionNotStreamableError(value.poison)
     itemsize = value.stored_dtype.itemsize
     runs = tuple(ByteRun(f, o, n, s) for (f, o, n), s in zip(value.byte_layout.pieces, value.byte_layout.starts))
     if len(runs) > MAX_RUNS:
@@ -235,8 +261,9 @@ _SAME = {"lift_fresh", "detach", "alias", "_unsafe_view", "view", "reshape", "_r
 _JOINS = {"cat", "stack"}
 
 
-def _trace(func, args, kwargs, metas, out) -> list[_Layout]:
-    """The layout of each tensor ``func`` returns, in pytree order."""
+def _trace(func, args, kwargs, metas, out) -> tuple[list[_Layout], Traced | None]:
+    """The layout of each tensor ``func`` returns, in pytree order, and the tensor they
+    are views of (None: new tensors)."""
     name = func.overloadpacket.__name__
     tensors = [a for a in _pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
     if any(not isinstance(t, Traced) for t in tensors):
@@ -245,15 +272,16 @@ def _trace(func, args, kwargs, metas, out) -> list[_Layout]:
         raise ConversionNotStreamableError(f"{name} joins tensors stored in different dtypes "
                                            f"({sorted({str(t.stored_dtype) for t in tensors})})")
     if name in _JOINS:
-        return [_join(name, args, kwargs)]
+        return [_join(name, args, kwargs)], None
     outs = [m for m in _pytree.tree_leaves(out) if isinstance(m, torch.Tensor)]
     if name in _COPIES | _SAME and len(tensors) == 1 and len(outs) == 1 and outs[0].numel() == tensors[0].numel():
         layout = tensors[0].byte_layout
-        return [_Layout(layout.pieces, layout.starts, layout.fresh or name in _COPIES)]
+        return [_Layout(layout.pieces, layout.starts, layout.fresh or name in _COPIES)], \
+            None if name in _COPIES else tensors[0]
     schema_returns = func._schema.returns
     if len(tensors) == 1 and schema_returns and all(r.alias_info is not None for r in schema_returns):
         base = [m for m in _pytree.tree_leaves(metas) if isinstance(m, torch.Tensor)][0]
-        return [_strided(tensors[0], m, base) for m in outs]
+        return [_strided(tensors[0], m, base) for m in outs], tensors[0]
     raise ConversionNotStreamableError(f"{name} computes new values (only views, copies, concatenations and stacks "
                                        "can be read as byte runs)")
 

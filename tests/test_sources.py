@@ -93,6 +93,25 @@ def test_ops_byte_runs_cannot_express_poison_the_result(stored, op, reason):
         source_of("x", out)
 
 
+def test_an_in_place_change_poisons_the_tensor_the_library_keeps(stored):
+    ckpt, _ = stored
+    a = trace(ckpt["a"])
+    a.mul_(2)
+    with pytest.raises(ConversionNotStreamableError, match="mul_ changes it in place"):
+        source_of("a", a)
+    b = trace(ckpt["b"])
+    row = b[1]  # a view taken before its base changes
+    b[0] = 1.0  # a write through another view
+    with pytest.raises(ConversionNotStreamableError, match="in place"):
+        source_of("b", b)
+    with pytest.raises(ConversionNotStreamableError, match="in place"):
+        source_of("row", row)
+    c = trace(ckpt["c"])
+    torch.add(trace(ckpt["c"]), 1, out=c)
+    with pytest.raises(ConversionNotStreamableError, match="in place"):
+        source_of("c", c)
+
+
 def test_within_clips_runs_to_a_byte_range(stored):
     ckpt, _ = stored
     source = source_of("ab", torch.cat([trace(ckpt["a"]), trace(ckpt["b"])], dim=1))
