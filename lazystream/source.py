@@ -280,6 +280,8 @@ def _trace(func, args, kwargs, metas, out) -> tuple[list[_Layout], Traced | None
             None if name in _COPIES else tensors[0]
     schema_returns = func._schema.returns
     if len(tensors) == 1 and schema_returns and all(r.alias_info is not None for r in schema_returns):
+        if any(m.element_size() != tensors[0].element_size() for m in outs):
+            raise ConversionNotStreamableError(f"{name} reinterprets its bytes as another dtype")
         base = [m for m in _pytree.tree_leaves(metas) if isinstance(m, torch.Tensor)][0]
         return [_strided(tensors[0], m, base) for m in outs], tensors[0]
     raise ConversionNotStreamableError(f"{name} computes new values (only views, copies, concatenations and stacks "

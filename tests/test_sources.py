@@ -85,6 +85,7 @@ def test_stacked_tensors_are_one_run_each_and_coalesce_when_adjacent(stored):
     (lambda a, b, c: torch.cat([a, torch.zeros(2, 6)]), "does not hold"),
     (lambda a, b, c: torch.cat([a, c]), "different dtypes"),
     (lambda a, b, c: (a + 1)[1:], "computes new values"),  # poison follows the value through later views
+    (lambda a, b, c: a.view(torch.int16), "reinterprets its bytes"),
 ])
 def test_ops_byte_runs_cannot_express_poison_the_result(stored, op, reason):
     ckpt, _ = stored
