@@ -210,6 +210,25 @@ def test_plan_of_a_real_size_moe_layout_from_its_headers(tmp_path, capsys):
     assert plan["blocks"][0]["bytes"] == sum(p.numel() for p in model.model.layers[0].parameters()) * 2
 
 
+@pytest.mark.parametrize("io", ["direct", "staged"])
+def test_expert_runs_stream_exactly_through_every_io_path(tmp_path, io):
+    from transformers import Qwen3MoeForCausalLM
+
+    from lazystream import IOConfig
+    from lazystream.io import DIRECT_ALIGN
+
+    _qwen3_moe(tmp_path)
+    config = {"direct": IOConfig(mode="direct", staging_bytes=DIRECT_ALIGN * 3, read_threads=3),
+              "staged": IOConfig(staged=True, staging_bytes=DIRECT_ALIGN * 2)}[io]
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = Qwen3MoeForCausalLM.from_pretrained(tmp_path)(ids).logits
+        for keep_gpu in (0, 1):
+            model = LazyStreamModel.from_pretrained(tmp_path, keep_gpu, device="cpu", io=config)
+            assert torch.equal(model(ids).logits, want)
+            streamer_of(model).close()
+
+
 # -- default dtype ------------------------------------------------------------------------
 
 
