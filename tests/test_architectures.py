@@ -5,8 +5,9 @@ LMs, every generated token) equals the library's own loader's, bit for bit.
 
 Covered: transformers Llama, Mistral, Qwen2, Qwen3 (also float8-stored), Gemma2, Phi3,
 GPT-2, T5 encoder, CLIP text, BERT, Qwen3-MoE and Mixtral (experts stacked at load);
-diffusers Flux, SD3, Wan, UNet2DCondition and Z-Image; single files in the original layout
-of Z-Image (ComfyUI key prefix) and FLUX.2 (fused qkv, swapped modulation halves).
+diffusers Flux, SD3, Wan, UNet2DCondition and Z-Image (also float8-stored); single files in
+the original layout of Z-Image (ComfyUI key prefix) and FLUX.2 (fused qkv, swapped
+modulation halves).
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ def _flux2_single_file(folder: Path) -> tuple[Path, type, dict[str, Any]]:
 
 
 def _blocks_to_fp8(model: Any) -> None:
-    """Store the block linear weights in float8_e4m3fn; the config says bfloat16."""
-    model.config.dtype = torch.bfloat16
+    """Store the block linear weights in float8_e4m3fn (a transformers config says bfloat16)."""
+    if not isinstance(model.config, dict):
+        model.config.dtype = torch.bfloat16
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
             module.weight = torch.nn.Parameter(module.weight.data.to(torch.float8_e4m3fn), requires_grad=False)
@@ -166,6 +168,9 @@ ARCHS: dict[str, Arch] = {
                      encoder_hidden_states=_randn(2, 7, 32, seed=1))),
     "zimage": Arch(_diffusers("ZImageTransformer2DModel", **zimage_config("tiny")), _zimage_inputs,
                    _flat_samples),
+    # diffusers loads it in float32 (its default): float8 bytes stream and are cast on the device.
+    "zimage-fp8": Arch(_diffusers("ZImageTransformer2DModel", **zimage_config("tiny")), _zimage_inputs,
+                       _flat_samples, dtype=torch.bfloat16, convert=_blocks_to_fp8),
     "zimage-single-file": Arch(None, _zimage_inputs, _flat_samples, single_file=_zimage_single_file),
     "flux2-single-file": Arch(None, _flux2_inputs, single_file=_flux2_single_file),
 }
