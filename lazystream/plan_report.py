@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     keep_gpu: int | str = args.keep_gpu if args.keep_gpu == "auto" else int(args.keep_gpu)
     request = PlanRequest.of(keep_gpu, args.placement, args.prefetch, args.vram, args.activation_reserve)
     if args.config is not None or str(args.repo).endswith(".safetensors"):
-        return _print(args, *_single_file_plan(args, request))
+        return _print(args, *_single_file_plan(args, request), config=None)
     records, config, shard, ident = _headers(args.repo, args.subfolder, args.revision)
     cls = model_class(require_config(config, Path(args.repo)), Path(args.repo) / "config.json")
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(library_of(cls), config, records)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     plan, _ = make_model_plan(model, records, request, device=device, dtype=dtype, blocks=None, built_here=True,
                               measure=True, checkpoint_id=ident, shard=shard)
-    return _print(args, plan, cls.__name__, device)
+    return _print(args, plan, cls.__name__, device, config=config)
 
 
 def _single_file_plan(args: argparse.Namespace, request: PlanRequest) -> tuple[StreamPlan, str, torch.device]:
@@ -96,22 +96,43 @@ def _remote_single_file(url: str, revision: str | None) -> tuple[dict[str, Tenso
     return records, f"hub:{repo}@{revision or 'main'}/{filename}"
 
 
-def _print(args: argparse.Namespace, plan: StreamPlan, class_name: str, device: torch.device) -> int:
+def _print(args: argparse.Namespace, plan: StreamPlan, class_name: str, device: torch.device, *,
+           config: dict | None) -> int:
     staging = IOConfig().staging_bytes * IOConfig().staging_buffers if device.type == "cuda" else 0
+    moe = routed_experts(plan, config)
     if args.json:
-        print(json.dumps({**plan.summary(), "model_class": class_name, "host_staging_bytes": staging}, indent=1))
+        print(json.dumps({**plan.summary(), "model_class": class_name, "host_staging_bytes": staging, "moe": moe},
+                         indent=1))
     else:
-        print(render(plan, class_name, staging))
+        print(render(plan, class_name, staging, moe))
     return 0
 
 
-def render(plan: StreamPlan, class_name: str, staging: int) -> str:
+def routed_experts(plan: StreamPlan, config: dict | None) -> dict | None:
+    """For a MoE model: the expert bytes among those streamed per call, and what streaming
+    only the experts a decode step routes to would stream (lazystream streams whole blocks)."""
+    config = config or {}
+    experts = config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts")
+    top_k = config.get("num_experts_per_tok")
+    expert_bytes = sum(t.source.nbytes for b in plan.streamed for t in b.tensors if ".experts." in f".{t.name}")
+    if not (experts and top_k and expert_bytes):
+        return None
+    return {"experts": experts, "top_k": top_k, "expert_bytes_per_call": expert_bytes,
+            "routed_only_bytes_per_token": plan.streamed_bytes - expert_bytes + expert_bytes * top_k // experts}
+
+
+def render(plan: StreamPlan, class_name: str, staging: int, moe: dict | None = None) -> str:
     mib = 2**20
     width = max(len(b.path) for b in plan.blocks) if plan.blocks else 5
     lines = [f"{class_name}: {len(plan.blocks)} blocks", f"  {'block':<{width}}  {'MiB':>8}  where"]
     lines += [f"  {b.path:<{width}}  {b.nbytes / mib:>8.1f}  {'resident' if b.resident else 'streamed'}"
               for b in plan.blocks]
     lines.append(str(plan))
+    if moe:
+        lines.append(f"  MoE: experts are {moe['expert_bytes_per_call'] / mib:.1f} of the {plan.streamed_bytes / mib:.1f} "
+                     f"MiB streamed per call; a decode step routes each token to {moe['top_k']} of {moe['experts']} "
+                     f"experts: streaming only those (not built) would stream "
+                     f"{moe['routed_only_bytes_per_token'] / mib:.1f} MiB per token")
     host = (f"  host: {staging / mib:.0f} MiB pinned staging; streamed shards are read through the page cache"
             if staging else "  host: the device is the host here: device memory above is host memory")
     lines.append(host)

@@ -208,6 +208,10 @@ def test_plan_of_a_real_size_moe_layout_from_its_headers(tmp_path, capsys):
     assert plan["dtype"] == "bfloat16" and len(plan["blocks"]) == 8
     assert plan["param_bytes"] == sum(p.numel() for p in model.parameters()) * 2
     assert plan["blocks"][0]["bytes"] == sum(p.numel() for p in model.model.layers[0].parameters()) * 2
+    experts = sum(p.numel() for layer in model.model.layers[2:] for p in layer.mlp.experts.parameters()) * 2
+    streamed = sum(b["bytes"] for b in plan["blocks"] if not b["resident"])
+    assert plan["moe"] == {"experts": 128, "top_k": 8, "expert_bytes_per_call": experts,
+                           "routed_only_bytes_per_token": streamed - experts + experts * 8 // 128}
 
 
 @pytest.mark.parametrize("io", ["direct", "staged"])
