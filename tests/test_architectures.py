@@ -1,7 +1,9 @@
 """One check over many architectures: a tiny random-weight checkpoint of each, saved by
 the library itself (sharded small, so blocks straddle files) or written in a single-file
 original layout, is streamed with keep_gpu 0, 1 and all; every forward (and, for causal
-LMs, every generated token) equals the library's own loader's, bit for bit.
+LMs, every generated token) equals the library's own loader's, bit for bit. A second
+check does what users do next on each (state_dict, LoRA adapters on every Linear, a cast to
+bfloat16) and compares with the same on the library's model.
 
 Covered: transformers Llama, Mistral, Qwen2, Qwen3 (also float8-stored), Gemma2, Phi3,
 GPT-2, T5 encoder, CLIP text, BERT, Qwen3-MoE and Mixtral (experts stacked at load);
@@ -109,6 +111,12 @@ def _flux2_single_file(folder: Path) -> tuple[Path, type, dict[str, Any]]:
     return file, Flux2Transformer2DModel, dict(config=str(folder / "config"))
 
 
+def _bfloat16(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_bfloat16(v) for v in value]
+    return value.bfloat16() if torch.is_tensor(value) and value.is_floating_point() else value
+
+
 def _blocks_to_fp8(model: Any) -> None:
     """Store the block linear weights in float8_e4m3fn (a transformers config says bfloat16)."""
     if not isinstance(model.config, dict):
@@ -181,22 +189,32 @@ def folders(tmp_path_factory):
     return tmp_path_factory.mktemp("architectures")
 
 
-@pytest.mark.parametrize("name", ARCHS)
-def test_streams_bit_exact_at_every_keep_gpu(name, folders):
+def checkpoint(name: str, folders: Path) -> tuple[Callable[[], Any], Callable[[int], Any]]:
+    """Write ``name``'s checkpoint once; give the library's loader and lazystream's."""
     arch = ARCHS[name]
     folder = folders / name
     if arch.single_file is not None:
         path, cls, kwargs = arch.single_file(folder)
-        ref = cls.from_single_file(str(path), **kwargs).eval()
-        load = lambda keep: LazyStreamModel.from_single_file(path, keep, device="cpu", **kwargs)  # noqa: E731
-    else:
+        return (lambda: cls.from_single_file(str(path), **kwargs).eval(),
+                lambda keep: LazyStreamModel.from_single_file(path, keep, device="cpu", **kwargs))
+    if not folder.exists():
         model = arch.make()
         fill_random_weights(model, arch.dtype, seed=0)
         arch.convert(model)
         model.save_pretrained(folder, max_shard_size=SHARD)
         assert len(list(folder.glob("*.safetensors"))) > 2  # blocks straddle shard files
-        ref = type(model).from_pretrained(folder).eval()
-        load = lambda keep: LazyStreamModel.from_pretrained(folder, keep, device="cpu")  # noqa: E731
+        cls = type(model)
+    else:
+        cls = type(arch.make())
+    return (lambda: cls.from_pretrained(folder).eval(),
+            lambda keep: LazyStreamModel.from_pretrained(folder, keep, device="cpu"))
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_streams_bit_exact_at_every_keep_gpu(name, folders):
+    arch = ARCHS[name]
+    library, load = checkpoint(name, folders)
+    ref = library()
     inputs = arch.inputs()
     with torch.no_grad():
         want = arch.output(ref(**inputs))
@@ -217,3 +235,35 @@ def test_streams_bit_exact_at_every_keep_gpu(name, folders):
             assert plan.block_share >= 0.5, f"{name}: blocks hold only {plan.block_share:.0%} of the weights"
             assert streamer_of(model).stats().last_call.blocks_streamed >= blocks
         streamer_of(model).close()
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_state_dict_adapters_and_casts_are_the_librarys(name, folders):
+    """What users do next, on every architecture (keep_gpu=1): state_dict, LoRA adapters on
+    every Linear, a cast to bfloat16, each equal to the same on the library's model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    arch = ARCHS[name]
+    library, load = checkpoint(name, folders)
+    ref, model = library(), load(1)
+    want_state = ref.state_dict()
+    got_state = model.state_dict()
+    assert list(got_state) == list(want_state)
+    for key, value in want_state.items():
+        assert got_state[key].dtype == value.dtype and torch.equal(got_state[key], value), f"{name}: {key}"
+
+    linears = [n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=linears, init_lora_weights=False)
+    for m in (ref, model):
+        torch.manual_seed(1)  # the same random adapters in both
+        inject_adapter_in_model(config, m)
+    inputs = arch.inputs()
+    with torch.no_grad():
+        assert torch.equal(arch.output(model(**inputs)), arch.output(ref(**inputs))), f"{name}: with adapters"
+    for m in (ref, model):
+        m.to(torch.bfloat16)
+    inputs = {k: _bfloat16(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        got, want = arch.output(model(**inputs)), arch.output(ref(**inputs))
+    assert got.dtype == want.dtype and torch.equal(got, want), f"{name}: cast to bfloat16"
+    streamer_of(model).close()
