@@ -18,7 +18,7 @@ from .header import TensorRecord
 from .errors import OtherOffloaderError, UnavailableDeviceError
 from .io import IOConfig
 from . import probe
-from .planner import PlanRequest, make_plan, plan_builder
+from .planner import PlanRequest, check_within_budget, make_plan, plan_builder
 from .plan import StreamPlan
 from .source import SourceMap
 from .streamer import Streamer
@@ -326,6 +326,7 @@ def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, own
     replan = functools.partial(plan_with, build, request, measure=False, checkpoint_id=checkpoint_id(ckpt),
                                shard=ckpt.shard_paths[0])
     plan, on_calibrated = replan(device=device, dtype=dtype)
+    check_within_budget(plan, request)
     streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint,
                         on_calibrated=on_calibrated, replan=replan)
     try:

@@ -138,6 +138,10 @@ def make_plan(
         while keep is not None and keep >= 0:
             plan = candidate(keep, prefetch)
             if plan.device_bytes <= limit:
+                # The placement may have picked smaller blocks than the first ones: take
+                # more while they fit.
+                while keep < len(plan.blocks) and (more := candidate(keep + 1, prefetch)).device_bytes <= limit:
+                    plan, keep = more, keep + 1
                 fitting.append(plan)
                 break
             keep -= 1
@@ -155,6 +159,23 @@ def make_plan(
         f"{candidate(0, 1).device_bytes / mib:.1f} MiB, but the budget leaves {limit / mib:.1f} MiB "
         f"({budget / mib:.1f} MiB from {source}, less {activation / mib:.1f} MiB for activations, {how}); "
         f"{' or '.join(fixes)}"
+    )
+
+
+def check_within_budget(plan: StreamPlan, request: PlanRequest) -> None:
+    """A keep_gpu the user chose, with a max_gpu_memory the user gave: refuse a plan over
+    it rather than ignore either (``lazystream plan`` warns instead)."""
+    budget, activation = request.max_gpu_memory, request.activation_reserve or 0
+    if request.keep_gpu == "auto" or budget is None or plan.device_bytes + activation <= budget:
+        return
+    mib = 2**20
+    fit = plan.largest_keep_gpu_within(budget - activation)
+    raise DeviceMemoryError(
+        f"keep_gpu={plan.keep_gpu} needs {plan.device_bytes / mib:.1f} MiB of device memory"
+        + (f" and activation_reserve {activation / mib:.1f} MiB" if activation else "")
+        + f", over max_gpu_memory={budget / mib:.1f} MiB; "
+        + (f"keep_gpu={fit} fits" if fit is not None else "even keep_gpu=0 does not fit")
+        + ", or pass keep_gpu='auto' to choose within the budget"
     )
 
 

@@ -294,3 +294,39 @@ def test_a_failed_first_call_does_not_calibrate(qwen3, tmp_path, monkeypatch):
         assert torch.equal(model(ids).logits, want)
     assert streamer._on_calibrated is None and list(tmp_path.glob("calibration/*.json"))
     streamer.close()
+
+
+def test_a_chosen_keep_gpu_over_a_given_budget_is_refused(tmp_path):
+    from lazystream.errors import DeviceMemoryError
+
+    path = build_qwen3(tmp_path, max_shard_size="60KB")
+    with pytest.raises(DeviceMemoryError, match=r"keep_gpu=4 needs 0.7 MiB of device memory, over "
+                                                r"max_gpu_memory=0.5 MiB; keep_gpu=\d fits, or pass keep_gpu='auto'"):
+        LazyStreamModel.from_pretrained(path, 4, max_gpu_memory=2**19)
+    model = LazyStreamModel.from_pretrained(path, 0, max_gpu_memory=2**30)
+    streamer_of(model).close()
+
+
+def test_auto_takes_every_block_that_fits_when_blocks_differ_in_size(tmp_path):
+    """Flux's double blocks are larger than its single blocks: "spread" keeps some small
+    ones where "first" keeps the large ones first, so it fits more blocks than "first"
+    would; auto takes as many as fit the placement, not as many as "first" would allow."""
+    from diffusers import FluxTransformer2DModel
+
+    from lazystream.synthetic import fill_random_weights
+
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=3, num_single_layers=5,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    fill_random_weights(model, torch.float32, seed=0)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+
+    def plan(keep, placement="spread"):
+        return streamer_of(LazyStreamModel.from_pretrained(tmp_path, keep, placement=placement, prefetch=1,
+                                                           load=False)).plan
+
+    budget = plan(2).device_bytes + 1024
+    assert plan(2, "first").device_bytes > budget  # "first" fits only one block resident
+    auto = streamer_of(LazyStreamModel.from_pretrained(tmp_path, "auto", max_gpu_memory=budget, activation_reserve=0,
+                                                       prefetch=1, load=False)).plan
+    assert auto.keep_gpu == 2 and auto.device_bytes <= budget < plan(3).device_bytes
