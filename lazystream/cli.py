@@ -107,6 +107,9 @@ examples:
     plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                       help="dtype on the device (default: the checkpoint's)")
     plan.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    plan.add_argument("--lora", action="append", default=[], metavar="FILE",
+                      help="a LoRA adapter you will load (its .safetensors file or folder; repeatable): its resident "
+                           "bytes are counted, and kept out of --vram with --keep-gpu auto")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_debug(plan)
     plan.set_defaults(run=_run_plan, options=PLAN_OPTIONS, parser=plan)

@@ -44,7 +44,33 @@ def run(args: argparse.Namespace) -> int:
 def _request(args: argparse.Namespace):
     from .planner import PlanRequest
 
-    return PlanRequest.of(args.keep_gpu, args.placement, args.prefetch, args.vram, args.activation_reserve)
+    vram = args.vram - _adapters(args) if args.vram is not None else None
+    return PlanRequest.of(args.keep_gpu, args.placement, args.prefetch, vram, args.activation_reserve)
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    """The device bytes of the --lora adapters, from their headers: each tensor in float32,
+    in an allocation of its own (peft keeps adapter weights in float32 whatever the model's
+    dtype, unless told otherwise; see autocast_adapter_dtype)."""
+    if not hasattr(args, "adapter_bytes"):
+        from .header import read_header
+        from .plan import GRANULE
+
+        total = 0
+        for given in args.lora:
+            path = Path(given).expanduser()
+            if path.is_dir():
+                found = sorted(path.glob("*.safetensors"))
+                if len(found) != 1:
+                    raise CheckpointNotFoundError(
+                        f"--lora {given}: expected one .safetensors file in the folder, found {[p.name for p in found]}",
+                        path=path)
+                path = found[0]
+            for rec in read_header(path).records:
+                numel = rec.nbytes // rec.dtype.itemsize
+                total += -(-numel * 4 // GRANULE) * GRANULE
+        args.adapter_bytes = total
+    return args.adapter_bytes
 
 
 def _single_file_plan(args: argparse.Namespace):
@@ -98,8 +124,16 @@ def _remote_single_file(url: str, revision: str | None):
 
 
 def _print(args: argparse.Namespace, plan: StreamPlan, class_name: str, device, *, config: dict | None) -> int:
+    import dataclasses
+
     from .io import IOConfig
 
+    adapters = _adapters(args)
+    budget = plan.budget
+    if adapters and budget is not None:  # auto planned within --vram less the adapters: say so
+        budget = dataclasses.replace(budget, device_bytes=budget.device_bytes + adapters,
+                                     source=f"{budget.source}; adapters (--lora) held back")
+    plan = dataclasses.replace(plan, kept_bytes=plan.kept_bytes + adapters, adapter_bytes=adapters, budget=budget)
     staging = IOConfig().staging_bytes * IOConfig().staging_buffers if device.type == "cuda" else 0
     moe = routed_experts(plan, config)
     if args.json:

@@ -228,3 +228,33 @@ def test_adapters_survive_casts_and_replans(zimage, keep_gpu):
     assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in ref.named_parameters()}
     assert torch.equal(sample(model, bf16), sample(ref, bf16))
     streamer_of(model).close()
+
+
+def test_plan_with_lora_counts_the_adapter_bytes_a_load_takes(zimage):
+    """``lazystream plan --lora`` predicts, from the file's header, the device bytes the
+    adapters take once loaded (and holds them back from --vram with --keep-gpu auto)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, loras, _ = zimage
+    script = shutil.which("lazystream", path=str(Path(sys.executable).parent)) or "lazystream"
+    lora_file = str(loras["a"] / LORA_FILE)
+    run = subprocess.run([script, "plan", str(path), "--keep-gpu", "1", "--device", "cpu", "--lora", lora_file,
+                          "--json"], capture_output=True, text=True, check=True)
+    predicted = json.loads(run.stdout)
+    model = LazyStreamModel.from_pretrained(path, 1)
+    model.load_lora_adapter(loras["a"], weight_name=LORA_FILE, prefix="transformer", adapter_name="a")
+    sample(model, zimage[2])
+    plan = streamer_of(model).plan
+    assert predicted["adapter_bytes"] == plan.adapter_bytes > 0
+    assert predicted["device_bytes"] == plan.device_bytes
+    streamer_of(model).close()
+    vram = plan.device_bytes + 4096
+    run = subprocess.run([script, "plan", str(path), "--keep-gpu", "auto", "--vram", str(vram), "--activation-reserve",
+                          "0", "--device", "cpu", "--lora", lora_file, "--json"], capture_output=True, text=True,
+                         check=True)
+    auto = json.loads(run.stdout)
+    assert auto["device_bytes"] <= vram and auto["adapter_bytes"] == plan.adapter_bytes
