@@ -1,0 +1,113 @@
+"""What users do with a loaded model, on CUDA: adapters, state_dict, moves between the CPU
+and the device, inference_mode, torch.compile, CUDA graph capture. Skipped without CUDA;
+tools/gpu_check.py runs it on the device machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import ZImageTransformer2DModel
+from loras import zimage_lora
+from transformers import Qwen3ForCausalLM
+
+from lazystream import LazyStreamModel, streamer_of
+from lazystream.errors import ReadOnlyWeightError, UnsupportedOperationError
+from lazystream.synthetic import build_qwen3, build_zimage, zimage_config, zimage_inputs
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    path = build_qwen3(tmp_path_factory.mktemp("qwen3-cuda"), max_shard_size="60KB")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    return path, ids
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids.to(model.device)).logits.cpu()
+
+
+def on_cuda(inputs):
+    x, t, caption = inputs
+    return [v.cuda() for v in x], t.cuda(), [v.cuda() for v in caption]
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 1, 100])
+def test_lora_on_cuda_equals_the_library(tmp_path, keep_gpu):
+    path = build_zimage(tmp_path / "model", max_shard_size="60KB")
+    lora = zimage_lora(tmp_path / "lora", path, seed=1)
+    inputs = on_cuda(zimage_inputs(zimage_config()))
+    ref = ZImageTransformer2DModel.from_pretrained(path).cuda().eval()
+    model = LazyStreamModel.from_pretrained(path, keep_gpu, device="cuda")
+    for m in (ref, model):
+        m.load_lora_adapter(lora, weight_name=LORA_FILE, prefix="transformer", adapter_name="a")
+    assert all(p.device.type == "cuda" for n, p in model.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        assert torch.equal(model(*inputs).sample[0], ref(*inputs).sample[0])
+        with pytest.raises(ReadOnlyWeightError):
+            model.fuse_lora()
+        streamer_of(model).unload()  # adapters leave the device with the rest, and come back
+        assert all(p.device.type == "cpu" for n, p in model.named_parameters() if "lora_" in n)
+        assert torch.equal(model(*inputs).sample[0], ref(*inputs).sample[0])
+    streamer_of(model).close()
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 2])
+def test_state_dict_moves_and_casts_on_cuda(qwen3, keep_gpu):
+    path, ids = qwen3
+    ref = Qwen3ForCausalLM.from_pretrained(path).cuda().eval()
+    model = LazyStreamModel.from_pretrained(path, keep_gpu, device="cuda")
+    assert model.device.type == "cuda" and all(p.device.type == "cuda" for p in model.parameters())
+    want = logits(ref, ids)
+    assert torch.equal(logits(model, ids), want)
+    for name, value in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value.cpu()), name
+    model.cpu()  # re-planned for the CPU: every device byte given back
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert torch.equal(logits(model, ids), logits(Qwen3ForCausalLM.from_pretrained(path).eval(), ids))
+    model.cuda().to(torch.bfloat16)
+    assert torch.equal(logits(model, ids), logits(ref.to(torch.bfloat16), ids))
+    streamer_of(model).close()
+
+
+def test_inference_mode_on_cuda(qwen3):
+    path, ids = qwen3
+    want = logits(Qwen3ForCausalLM.from_pretrained(path).cuda().eval(), ids)
+    with torch.inference_mode():
+        model = LazyStreamModel.from_pretrained(path, 1, device="cuda", load=False)
+        assert torch.equal(model(ids.cuda()).logits.cpu(), want)
+    assert torch.equal(logits(model, ids), want)
+    streamer_of(model).close()
+
+
+def test_compile_on_cuda_equals_the_compiled_library_model(qwen3):
+    from torch._dynamo.utils import counters
+
+    path, ids = qwen3
+    torch._dynamo.reset()
+    want = logits(torch.compile(Qwen3ForCausalLM.from_pretrained(path).cuda().eval()), ids)
+    model = LazyStreamModel.from_pretrained(path, 1, device="cuda")
+    compiled = torch.compile(model)
+    assert torch.equal(logits(compiled, ids), want)
+    first = counters["stats"]["unique_graphs"]
+    assert torch.equal(logits(compiled, ids), want)
+    assert counters["stats"]["unique_graphs"] == first
+    streamer_of(model).close()
+
+
+def test_cuda_graph_capture_is_refused(qwen3):
+    path, ids = qwen3
+    model = LazyStreamModel.from_pretrained(path, 1, device="cuda")
+    ids = ids.cuda()
+    logits(model, ids)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(UnsupportedOperationError, match="CUDA graph"), torch.no_grad():
+        with torch.cuda.graph(graph):
+            model(ids)
+    streamer_of(model).close()
