@@ -131,3 +131,11 @@ class ShardChangedError(LazyStreamError, RuntimeError):
 
 class ClosedError(LazyStreamError, RuntimeError):
     """The object was closed; nothing can be read through it any more."""
+
+
+class StagingMemoryError(LazyStreamError, MemoryError):
+    """The host staging ring (pinned memory on CUDA) could not be allocated."""
+
+
+class HostRegisterError(LazyStreamError, RuntimeError):
+    """``IOConfig(mode="register")`` could not page-lock a shard mapping for the device."""

@@ -182,8 +182,9 @@ def load_lazystream(job: Job, layout: Layout, device: torch.device) -> Loaded:
 
     def stats() -> dict:
         s = streamer.stats()
-        return {"streamed_bytes": s.last_call.bytes_streamed, "copy_gb_per_s": s.last_call.gb_per_s,
-                "stall_s": s.last_call.stall_seconds, "stalls": s.last_call.stalls, "staging_bytes": s.staging_bytes,
+        c = s.last_call
+        return {"streamed_bytes": c.bytes_streamed, "h2d_gb_per_s": c.h2d_gb_per_s, "fill_gb_per_s": c.fill_gb_per_s,
+                "stall_s": c.stall_seconds, "on_demand_loads": c.on_demand_loads, "staging_bytes": s.staging_bytes,
                 "slot_bytes": s.slot_bytes}
 
     # Cold runs call without a session: its wrap-around prefetch would read the next
