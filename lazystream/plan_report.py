@@ -15,7 +15,8 @@ from .adapters import build_skeleton, model_class, require_config
 from .checkpoint import Checkpoint
 from .errors import CheckpointNotFoundError
 from .header import DTYPES, TensorRecord
-from .io import IOConfig
+from . import probe
+from .io import IOConfig, ring_layout
 from .model import checkpoint_dtype, checkpoint_id, make_model_plan, resolve_device
 from .plan import StreamPlan
 from .planner import PlanRequest
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     plan, _ = make_model_plan(model, records, request, device=device, dtype=dtype, blocks=None, built_here=True,
                               measure=True, checkpoint_id=ident, shard=shard)
-    staging = IOConfig().staging_bytes * IOConfig().staging_buffers if device.type == "cuda" else 0
+    staging = 0
+    if device.type == "cuda":  # the ring the loader would allocate for this plan's slots
+        staging = ring_layout(IOConfig(), plan.slot_bytes, h2d=probe.bandwidth(device).h2d).nbytes
     if args.json:
         print(json.dumps({**plan.summary(), "model_class": cls.__name__, "host_staging_bytes": staging}, indent=1))
     else:
