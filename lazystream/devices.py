@@ -13,6 +13,7 @@ on a core the reader threads and the model's own host code need.
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import torch
@@ -121,14 +122,18 @@ class CudaDevice:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def register_host(self, host: torch.Tensor) -> None:
-        """Page-lock ``host`` (a read-only shared file mapping) for the copy engine."""
+        """Page-lock ``host``, the whole of a read-only shared file mapping, for the copy
+        engine. Its last page is registered whole: the mapping covers it."""
         cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(host.data_ptr(), host.numel(), _HOST_REGISTER_PORTABLE | _HOST_REGISTER_READ_ONLY)
+        size = -(-host.numel() // mmap.PAGESIZE) * mmap.PAGESIZE
+        with torch.cuda.device(self.device):  # the model's context, not the calling thread's device 0
+            err = cudart.cudaHostRegister(host.data_ptr(), size, _HOST_REGISTER_PORTABLE | _HOST_REGISTER_READ_ONLY)
         if err != cudart.cudaError.success:
-            raise RuntimeError(f"cudaHostRegister of {host.numel()} bytes failed: {cudart.cudaGetErrorString(err)}")
+            raise RuntimeError(f"cudaHostRegister of {size} bytes failed: {cudart.cudaGetErrorString(err)}")
 
     def unregister_host(self, host: torch.Tensor) -> None:
-        torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+        with torch.cuda.device(self.device):
+            torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
     def bind_thread(self) -> None:
         """Make this device the calling thread's current device. Run first on every

@@ -828,15 +828,19 @@ class DirectReader:
             self._pread(*chunk)
 
     def _pread(self, path: Path, offset: int, into: memoryview, need: int) -> None:
+        with self._lock:  # the descriptor and its kind together: another thread may reopen it
+            fd, direct = self._fds[path], self._direct[path]
         try:
-            got = os.preadv(self._fds[path], [into], offset)
+            got = os.preadv(fd, [into], offset)
         except OSError as exc:
-            if exc.errno != errno.EINVAL or not self._direct[path]:
+            if exc.errno != errno.EINVAL or not direct:
                 what = f"reading {len(into)} bytes at offset {offset}: {exc.strerror}"
                 raise OSError(exc.errno, what, str(path)) from None
             # The filesystem opened the file with O_DIRECT but refuses the read itself.
             self._reopen_buffered(path)
-            got = os.preadv(self._fds[path], [into], offset)
+            with self._lock:
+                fd = self._fds[path]
+            got = os.preadv(fd, [into], offset)
         if got < need:
             raise ShardChangedError(
                 f"{path} ends at byte {offset + got}; expected at least {offset + need} bytes. The file was truncated "

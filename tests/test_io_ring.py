@@ -22,7 +22,7 @@ from lazystream import Checkpoint, IOConfig, LazyStreamModel, streamer_of
 from lazystream.checkpoint import CopyRun, coalesce
 from lazystream.devices import HostDevice
 from lazystream.errors import ShardChangedError, StagingMemoryError
-from lazystream.io import DIRECT_ALIGN, Loader, RingLayout, Ticket, ring_layout
+from lazystream.io import DIRECT_ALIGN, Loader, RingLayout, ring_layout
 
 MIB = 2**20
 

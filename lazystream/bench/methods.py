@@ -24,11 +24,10 @@ from torch import nn
 
 from ..adapters import build_skeleton, find_blocks, model_class, require_config
 from ..checkpoint import Checkpoint
-from ..io import IOConfig
 from ..model import LazyStreamModel, checkpoint_dtype, streamer_of
 from ..telemetry import PeakRssAnon
 from .pagecache import cached_fraction, evict, unmap_pages
-from .runs import Run
+from .runs import IO_CONFIGS, Run
 
 RESULT_PREFIX = "LAZYSTREAM_BENCH_RESULT "
 REFERENCE_FILE = "resident-output.pt"
@@ -176,7 +175,7 @@ def load_resident(job: Job, layout: Layout, device: torch.device) -> Loaded:
 def load_lazystream(job: Job, layout: Layout, device: torch.device) -> Loaded:
     run = job.run
     model = LazyStreamModel.from_pretrained(job.checkpoint, run.keep, device=device, placement=run.placement,
-                                            io=IOConfig(mode=run.io))
+                                            io=IO_CONFIGS[run.io])
     streamer = streamer_of(model)
     ckpt = streamer.ckpt
 
