@@ -1,136 +1,204 @@
-"""The ``lazystream`` command.
+"""The ``lazystream`` command: ``plan``, ``demo`` and ``bench``.
 
-``lazystream demo``: build (once) a random-weight Qwen3 checkpoint of a few hundred MB,
-generate with it streamed and resident, check the tokens agree, show what it cost.
-``lazystream plan REPO``: the plan for a checkpoint from its headers alone.
-``lazystream bench``: every offloader side by side against the hardware floor.
+Only the standard library is imported here: ``--help``, ``--version`` and argument errors
+answer without importing torch; each command imports what it needs when it runs. A
+lazystream error is printed as one line (``--debug`` shows the traceback) and the exit
+status says whose it is: 2 for bad input, 1 for a failure while running.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
+import re
 import sys
-import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NoReturn
 
-# About 124M parameters, ~500 MB in float32: 12 blocks of ~25 MB, embeddings ~200 MB.
-DEMO_SIZE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
-             "head_dim": 64, "intermediate_size": 2048, "vocab_size": 32000}
-DEMO_SEED = 0
-MODES = ("library", "resident", "streamed")
+from . import __version__
+from .demo import DEMO_SIZE
+from .errors import LazyStreamError
 
+DESCRIPTION = """\
+Run Hugging Face models larger than the GPU: keep N blocks resident on the device
+and stream the rest straight from the safetensors shards."""
+EPILOG = """\
+exit status: 0 done; 1 failed while running (no network, out of memory, ...);
+             2 bad input (arguments, paths, checkpoints)
+Run 'lazystream COMMAND --help' for the options of a command."""
 
-def demo_checkpoint(progress=print) -> Path:
-    """The demo checkpoint, built on first use under the user's cache folder."""
-    from .synthetic import build_qwen3
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lazystream"
-    path = cache / "demo-qwen3-124m-fp32"
-    if not (path / "done").exists():
-        progress(f"building the demo checkpoint in {path} (once)")
-        build_qwen3(path, DEMO_SIZE, max_shard_size="64MB", seed=DEMO_SEED, progress=progress)
-        (path / "done").write_text("ok\n")
-    return path
-
-
-def _run_one(path: str, mode: str, keep_gpu: int, tokens: int, device: str | None) -> dict:
-    """One mode in this (fresh) process; returns tokens, timings and memory."""
-    import torch
-    from transformers import Qwen3ForCausalLM
-
-    from . import LazyStreamModel, streamer_of
-    from .telemetry import rss_anon
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ids = torch.randint(0, DEMO_SIZE["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
-    base = rss_anon()
-    start = time.perf_counter()
-    if mode == "library":
-        model = Qwen3ForCausalLM.from_pretrained(path).to(dev).eval()
-    else:
-        model = LazyStreamModel.from_pretrained(path, 10**6 if mode == "resident" else keep_gpu, device=dev)
-    load = time.perf_counter() - start
-    with torch.no_grad():
-        model(ids)  # warm-up
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
-    generate = time.perf_counter() - start
-    result = {"mode": mode, "tokens": out[0, ids.shape[1]:].tolist(), "load_s": load, "generate_s": generate,
-              "host_anon_growth": rss_anon() - base}
-    if dev.type == "cuda":
-        result["device_bytes"] = torch.cuda.max_memory_allocated(dev)
-    if mode != "library":
-        streamer = streamer_of(model)
-        result["plan"] = str(streamer.plan)
-        result["stats"] = str(streamer.stats())
-        if dev.type != "cuda":
-            result["device_bytes"] = streamer.plan.device_bytes
-    else:
-        result.setdefault("device_bytes", sum(t.nbytes for t in [*model.parameters(), *model.buffers()]))
-    return result
+# The Python arguments that plan's options stand for: lazystream's errors name the
+# arguments of the Python API, and the command line says the options the user typed.
+PLAN_OPTIONS = {"max_gpu_memory": "--vram", "activation_reserve": "--activation-reserve", "keep_gpu": "--keep-gpu",
+                "prefetch": "--prefetch", "placement": "--placement", "subfolder": "--subfolder",
+                "revision": "--revision", "device": "--device", "dtype": "--dtype"}
+DEMO_OPTIONS = {"keep_gpu": "--keep-gpu", "device": "--device"}
 
 
-def demo(keep_gpu: int | None, tokens: int, device: str | None) -> int:
-    from tqdm.auto import tqdm
-
-    path = demo_checkpoint(progress=lambda line: print(f"  {line}"))
-    keep = DEMO_SIZE["num_hidden_layers"] // 2 if keep_gpu is None else keep_gpu
-    results = {}
-    # Each mode runs in a fresh process so its host-memory figure is its own.
-    for mode in tqdm(MODES, desc="loading and generating", unit="run"):
-        cmd = [sys.executable, "-m", "lazystream.cli", "_run", str(path), mode, str(keep), str(tokens)]
-        if device:
-            cmd.append(device)
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-            print(run.stderr, file=sys.stderr)
-            return run.returncode
-        results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
-    mib = 2**20
-    print(f"\nStreamed with keep_gpu={keep} of {DEMO_SIZE['num_hidden_layers']} blocks:")
-    print(results["streamed"]["plan"])
-    print(results["streamed"]["stats"])
-    print(f"\n{'mode':<10} {'load s':>7} {'gen s':>7} {'tok/s':>7} {'device MiB':>11} {'host anon MiB':>14}")
-    for mode, r in results.items():
-        print(f"{mode:<10} {r['load_s']:>7.2f} {r['generate_s']:>7.2f} {tokens / r['generate_s']:>7.1f} "
-              f"{r['device_bytes'] / mib:>11.1f} {r['host_anon_growth'] / mib:>14.1f}")
-    same = results["streamed"]["tokens"] == results["resident"]["tokens"] == results["library"]["tokens"]
-    print(f"\ngenerated tokens identical across library / resident / streamed: {same}")
-    return 0 if same else 1
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as for every other error; argparse would print the usage above it.
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the benchmark parses its own arguments
-        from .bench import main as bench_main
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if rest and args.command != "bench":  # bench parses its own arguments
+        args.parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.run(args, rest)
+    except LazyStreamError as exc:
+        if args.debug:
+            raise
+        print(f"lazystream {args.command}: error: {_cli_words(str(exc), args.options)}", file=sys.stderr)
+        bad_input = isinstance(exc, (ValueError, LookupError, FileNotFoundError))
+        return 2 if bad_input else 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"lazystream {args.command}: interrupted", file=sys.stderr)
+        return 130
 
-        return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="lazystream", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="build a demo Qwen3 checkpoint and compare streamed with resident")
-    d.add_argument("--keep-gpu", type=int, default=None, help="resident blocks (default: half)")
-    d.add_argument("--tokens", type=int, default=16, help="tokens to generate")
-    d.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lazystream", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"lazystream {__version__} from {Path(__file__).parent} (Python "
+                                f"{sys.version_info.major}.{sys.version_info.minor})")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.set_defaults(command=None, debug=False, options={})
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
+
+    raw = argparse.RawDescriptionHelpFormatter  # descriptions and examples keep their lines
+    plan = sub.add_parser(
+        "plan", help="the plan for a checkpoint, from its headers alone (no weight is read)", formatter_class=raw,
+        description="""\
+The plan for a checkpoint from its headers and config alone (a hub repo that is
+not cached is read by range requests): blocks and bytes, resident or streamed,
+device memory by term, host memory, and the predicted time per call.""",
+        epilog="""\
+examples:
+  lazystream plan ./my-checkpoint --keep-gpu 20
+  lazystream plan Tongyi-MAI/Z-Image-Turbo --subfolder transformer --vram 8GiB""")
+    plan.add_argument("repo", metavar="REPO", help="a local folder or a Hugging Face repo id (org/name)")
+    plan.add_argument("--subfolder", help="the component's folder inside REPO, e.g. transformer for a pipeline")
+    plan.add_argument("--revision", help="branch, tag or commit of a hub repo (default: main)")
+    plan.add_argument("--keep-gpu", type=_keep_gpu, default="auto", metavar="N|auto",
+                      help="blocks kept resident on the device, or auto: as many as fit --vram (default: auto)")
+    plan.add_argument("--vram", type=_byte_size, metavar="SIZE",
+                      help="device memory budget, e.g. 8GiB (default: the free device memory less 5%%); with a "
+                           "number for --keep-gpu, a plan over it is reported")
+    plan.add_argument("--activation-reserve", type=_byte_size, metavar="SIZE",
+                      help="device memory held back for activations, e.g. 1GiB (default: 10%% of --vram until a "
+                           "first call measures it)")
+    plan.add_argument("--placement", default="spread", choices=["first", "spread", "cost"],
+                      help="which blocks stay resident: evenly spaced (spread, default), the first N (first), or "
+                           "those the cost model says save the most time (cost)")
+    plan.add_argument("--prefetch", type=_count(1), default=2, metavar="K",
+                      help="device slots for streamed blocks (default: 2)")
+    plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                      help="dtype on the device (default: the checkpoint's)")
+    plan.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_debug(plan)
+    plan.set_defaults(run=_run_plan, options=PLAN_OPTIONS, parser=plan)
+
+    blocks = DEMO_SIZE["num_hidden_layers"]
+    demo = sub.add_parser(
+        "demo", help="build a demo Qwen3 checkpoint and compare streamed with resident", formatter_class=raw,
+        description="""\
+Build (once, ~500 MB under ~/.cache/lazystream) a random-weight Qwen3 checkpoint;
+generate with the library's own model, fully resident and streamed, each in a
+process of its own; check that the tokens agree; show time and memory.""")
+    demo.add_argument("--keep-gpu", type=_count(0), metavar="N",
+                      help=f"blocks kept resident in the streamed run (default: {blocks // 2} of its {blocks})")
+    demo.add_argument("--tokens", type=_count(1), default=16, metavar="N", help="tokens to generate (default: 16)")
+    demo.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    _add_debug(demo)
+    demo.set_defaults(run=_run_demo, options=DEMO_OPTIONS, parser=demo)
+
+    # add_help=False: 'lazystream bench --help' reaches the benchmark's own parser.
+    bench = sub.add_parser("bench", add_help=False,
+                           help="every offloader side by side against the hardware floor (see bench --help)")
+    bench.set_defaults(run=_run_bench)
+    return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    # Also accepted after the command; SUPPRESS keeps the value given before it.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+
+
+def _run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from . import plan_report
 
-    plan_report.add_arguments(sub.add_parser("plan", help="the plan for a checkpoint, from its headers alone"))
-    sub.add_parser("bench", help="every offloader side by side against the hardware floor (bench --help)")
-    r = sub.add_parser("_run", help=argparse.SUPPRESS)
-    r.add_argument("path")
-    r.add_argument("mode", choices=MODES)
-    r.add_argument("keep_gpu", type=int)
-    r.add_argument("tokens", type=int)
-    r.add_argument("device", nargs="?")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo(args.keep_gpu, args.tokens, args.device)
-    if args.command == "plan":
-        return plan_report.run(args)
-    print(json.dumps(_run_one(args.path, args.mode, args.keep_gpu, args.tokens, args.device)))
-    return 0
+    return plan_report.run(args)
+
+
+def _run_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from .demo import demo
+
+    return demo(args.keep_gpu, args.tokens, args.device)
+
+
+def _run_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(rest)
+
+
+# -- argument types: a bad value is an argparse error naming the option -----------------
+
+
+def _keep_gpu(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of blocks >= 0 or 'auto', got {text!r}")
+    return int(text)
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return count
+
+
+def _byte_size(text: str) -> int:
+    from .planner import parse_bytes  # imports torch; only once the option is given
+
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 8GiB, 500MB or 6442450944, got {text!r}") from None
+
+
+def _cli_words(message: str, options: Mapping[str, str]) -> str:
+    """``message`` with the Python arguments it names written as the command's options:
+    ``keep_gpu=2`` or ``keep_gpu='auto'`` as ``--keep-gpu 2``; a bare name only where it has
+    an underscore (``max_gpu_memory``), since plain words such as "device" are also prose."""
+    if not options:
+        return message
+    names = "|".join(sorted(map(re.escape, options), key=len, reverse=True))
+    message = re.sub(rf"\b({names})=(?:'([^']*)'|([^\s,;)]+))",
+                     lambda m: f"{options[m.group(1)]} {m.group(2) if m.group(2) is not None else m.group(3)}",
+                     message)
+    bare = "|".join(re.escape(n) for n in options if "_" in n)
+    return re.sub(rf"(?<![-\w])({bare})\b", lambda m: options[m.group(1)], message) if bare else message
 
 
 if __name__ == "__main__":

@@ -145,7 +145,8 @@ class CudaDevice:
     def copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         # Asynchronous only because src is page-locked (the pinned ring, or a registered
         # mapping); the caller keeps src untouched until the copy's mark has completed.
-        # Called only on the loader's own (bound) threads, never inside a model's forward.
+        # Called only on the loader's own (bound) threads, never inside a model's forward,
+        # so torch.compile never traces it.
         with torch.cuda.stream(self.copy_stream):
             dst.copy_(src, non_blocking=True)
 

@@ -27,6 +27,13 @@ class CheckpointNotFoundError(LazyStreamError, FileNotFoundError):
     __str__ = Exception.__str__
 
 
+class HubUnreachableError(LazyStreamError, ConnectionError):
+    """The Hugging Face Hub could not be reached to find a repo that is not in the cache."""
+
+    __init__ = LazyStreamError.__init__  # ConnectionError (an OSError) would reinterpret the arguments
+    __str__ = Exception.__str__
+
+
 class UnsupportedFormatError(LazyStreamError, ValueError):
     """The checkpoint has weights, but not in safetensors."""
 
@@ -118,6 +125,10 @@ class OtherOffloaderError(LazyStreamError, ValueError):
     """The model already carries offloading hooks (accelerate, diffusers, lazystream)."""
 
 
+class UnavailableDeviceError(LazyStreamError, ValueError):
+    """The device asked for is not one torch knows, or this machine or torch build lacks it."""
+
+
 class DeviceMemoryError(LazyStreamError, MemoryError):
     """The plan does not fit in the device's free memory."""
 
@@ -131,6 +142,22 @@ class ShardChangedError(LazyStreamError, RuntimeError):
 
 class ClosedError(LazyStreamError, RuntimeError):
     """The object was closed; nothing can be read through it any more."""
+
+
+# -- using a streamed model -----------------------------------------------------------
+
+
+class UnsupportedOperationError(LazyStreamError, RuntimeError):
+    """Something done to a streamed model that streaming cannot honour; raised before
+    anything changed, with what to do instead."""
+
+
+class ReadOnlyWeightError(UnsupportedOperationError):
+    """An in-place write to a weight lazystream reloads from the checkpoint (a fused LoRA,
+    ``load_state_dict`` into the model, a write to ``param.data``)."""
+
+
+# -- moving bytes -----------------------------------------------------------------------
 
 
 class StagingMemoryError(LazyStreamError, MemoryError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,7 @@ from torch import nn
 from .adapters import build_skeleton, family_of, find_blocks, match_prefix, model_class, require_config
 from .checkpoint import Checkpoint
 from .header import TensorRecord
-from .errors import OtherOffloaderError
+from .errors import OtherOffloaderError, UnavailableDeviceError
 from .io import IOConfig
 from . import probe
 from .planner import PlanRequest, make_plan, plan_builder
@@ -161,10 +162,36 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    """``device`` as a torch.device (default CUDA when available, else the CPU); a CUDA
+    device gets its index.
+
+    Raises:
+        UnavailableDeviceError: not a device name, or a CUDA device this machine lacks
+            (checked here: torch would fail later with an AssertionError or a bad ordinal).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UnavailableDeviceError(
+            f"device={device!r} is not a device torch knows; expected e.g. 'cuda', 'cuda:1' or 'cpu'"
+        ) from None
+    if resolved.type != "cuda":
+        return resolved
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if resolved.index is None and count:
+        return torch.device("cuda", torch.cuda.current_device())
+    if resolved.index is None or resolved.index >= count:
+        why = (f"this torch build ({torch.__version__}) has no CUDA" if torch.version.cuda is None
+               else "torch finds no CUDA device (driver, CUDA_VISIBLE_DEVICES)" if count == 0
+               else f"this machine has {count} CUDA device(s)")
+        available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
+        raise UnavailableDeviceError(
+            f"device={str(device)!r} is not available: {why}; available here: {available}. "
+            "Pass one of those, or leave the device unset (CUDA when available, else the CPU)"
+        )
+    return resolved
 
 
 def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], request: PlanRequest, *,
@@ -176,6 +203,15 @@ def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], reque
     need it, for its predicted time."""
     build = plan_builder(model, match_prefix(model, records), find_blocks(model, blocks), dtype=dtype,
                          family=family_of(model, dtype, built_here=built_here), device=device)
+    return plan_with(build, request, device=device, dtype=dtype, measure=measure, checkpoint_id=checkpoint_id,
+                     shard=shard)
+
+
+def plan_with(build, request: PlanRequest, *, device: torch.device, dtype: torch.dtype, measure: bool,
+              checkpoint_id: str, shard: Path | None, casts: Mapping[str, tuple[torch.dtype, ...]] | None = None):
+    """make_model_plan with the tensors already matched (``build`` from plan_builder), on
+    ``device`` and, after a ``.to()`` of the model, with each tensor's ``casts``."""
+    build = functools.partial(build, on=device, casts=casts, default=dtype)
     if not (measure or request.keep_gpu == "auto" or request.placement == "cost"):
         return build(keep_gpu=request.keep_gpu, placement=request.placement, prefetch=request.prefetch), None
     bw = probe.bandwidth(device, shard)
@@ -200,18 +236,26 @@ def checkpoint_id(ckpt: Checkpoint) -> str:
 def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, owns_checkpoint,
             built_here=False, load=True) -> None:
     _refuse_other_offloaders(model)
-    plan, on_calibrated = make_model_plan(model, ckpt, request, device=resolve_device(device), dtype=dtype,
-                                          blocks=blocks, built_here=built_here, measure=False,
-                                          checkpoint_id=checkpoint_id(ckpt), shard=ckpt.shard_paths[0])
+    device = resolve_device(device)
+    build = plan_builder(model, match_prefix(model, ckpt), find_blocks(model, blocks), dtype=dtype,
+                         family=family_of(model, dtype, built_here=built_here), device=device)
+    replan = functools.partial(plan_with, build, request, measure=False, checkpoint_id=checkpoint_id(ckpt),
+                               shard=ckpt.shard_paths[0])
+    plan, on_calibrated = replan(device=device, dtype=dtype)
     streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint,
-                        on_calibrated=on_calibrated)
+                        on_calibrated=on_calibrated, replan=replan)
     try:
         if load:
             streamer.load()
     except BaseException:
         streamer.close()
         raise
-    object.__setattr__(model, _ATTR, streamer)
+    # First in the model's attributes, so that copying or pickling the model meets the
+    # streamer's refusal before it has copied a single weight.
+    attributes = dict(model.__dict__)
+    model.__dict__.clear()
+    model.__dict__[_ATTR] = streamer
+    model.__dict__.update(attributes)
 
 
 def _refuse_other_offloaders(model: nn.Module) -> None:

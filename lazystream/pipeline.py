@@ -217,6 +217,9 @@ class Phases:
         self._patched: list[tuple[nn.Module, str, bool, Callable]] = []  # module, name, was in its __dict__, previous
         self._pipeline_cls = type(pipe)
         self._closed = False
+        # Phase switches load and unload weights: torch.compile must run them, not trace
+        # them (marked here, not at import: torch.compiler.disable imports torch._dynamo).
+        self._begin_call = torch.compiler.disable(self._begin_call)
         for name, component in pipe.components.items():
             if isinstance(component, nn.Module):
                 for method in _ENTRY_POINTS:
@@ -297,7 +300,6 @@ class Phases:
 
     # -- phases -------------------------------------------------------------------------
 
-    @torch.compiler.disable
     def _begin_call(self, component: str) -> None:
         with self._lock:
             if component in self.order and component != self.active:

@@ -37,7 +37,9 @@ class TensorPlacement:
 
     ``offset`` is in the buffer that receives the stored bytes (a slot for a streamed
     block, the resident arena otherwise); ``cast_offset``, where the target dtype differs
-    from the stored one, is in the buffer that holds the converted values.
+    from the stored one, is in the buffer that holds the converted values. ``via``: dtypes
+    the values pass through before ``dtype``, as after ``.to(bfloat16)`` then ``.float()``
+    (each step rounds as the library's own model rounded it).
     """
 
     name: str
@@ -45,10 +47,16 @@ class TensorPlacement:
     offset: int
     dtype: torch.dtype
     cast_offset: int | None = None
+    via: tuple[torch.dtype, ...] = ()
 
     @property
     def needs_cast(self) -> bool:
-        return self.dtype != self.record.dtype
+        return self.dtype != self.record.dtype or bool(self.via)
+
+    @property
+    def casts(self) -> tuple[torch.dtype, ...]:
+        """The conversions from the stored dtype, in turn (none: used as stored)."""
+        return (*self.via, self.dtype) if self.needs_cast else ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,11 @@ class StreamPlan:
     scratch_bytes: int  # converted tensors of the streamed block in use
     prediction: Prediction | None = None
     budget: Budget | None = None
+    adapter_bytes: int = 0  # of kept_bytes: parameters added after load (LoRA adapters), resident
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.kept_bytes - self.adapter_bytes
 
     @property
     def streamed(self) -> tuple[BlockPlan, ...]:
@@ -148,7 +161,9 @@ class StreamPlan:
             + (" (keep_gpu >= blocks: all resident)" if self.keep_gpu >= len(self.blocks) else ""),
             "  " + " ".join("R" if b.resident else "s" for b in self.blocks),
             f"  device memory {self.device_bytes / mib:.1f} MiB = resident {self.resident_bytes / mib:.1f}"
-            f" + buffers {self.kept_bytes / mib:.1f} + {self.slots} slot(s) x {self.slot_bytes / mib:.1f}"
+            f" + buffers {self.buffer_bytes / mib:.1f}"
+            + (f" + adapters {self.adapter_bytes / mib:.1f}" if self.adapter_bytes else "")
+            + f" + {self.slots} slot(s) x {self.slot_bytes / mib:.1f}"
             f" + cast scratch {self.scratch_bytes / mib:.1f}",
             f"  streamed per call {self.streamed_bytes / mib:.1f} MiB",
         ]
@@ -158,9 +173,20 @@ class StreamPlan:
                          f"for activations ({b.source})")
         if self.prediction is not None:
             p = self.prediction
-            compute = f"{p.compute_seconds * 1e3:.1f} ms" if p.calibrated else "not calibrated yet"
-            lines.append(f"  predicted {p.seconds * 1e3:.1f} ms per call: compute {compute}, transfer "
-                         f"{p.transfer_seconds * 1e3:.1f} ms; bound by {p.bound}")
+
+            def ms(seconds: float) -> str:
+                return f"{seconds * 1e3:.{3 if seconds < 1e-3 else 1}f} ms"
+
+            if p.calibrated:
+                lines.append(f"  predicted {ms(p.seconds)} per call: compute {ms(p.compute_seconds)}, transfer "
+                             f"{ms(p.transfer_seconds)}; bound by {p.bound}")
+            else:
+                # Without measured compute times the call's time and what bounds it are
+                # unknown; only the transfer is known, and it is a floor of the call's time.
+                lines.append(f"  predicted per call: at least {ms(p.transfer_seconds)}, the transfer at the probed "
+                             f"{p.bound} bandwidth" if self.streamed else "  predicted per call: nothing streamed")
+                lines.append("  compute: not calibrated yet (measured at the first call of a model loaded with "
+                             "placement='cost' or keep_gpu='auto'), so no total time or bound")
         return "\n".join(lines)
 
     def summary(self) -> dict:
@@ -175,12 +201,16 @@ class StreamPlan:
             "device_bytes": self.device_bytes,
             "resident_bytes": self.resident_bytes,
             "kept_bytes": self.kept_bytes,
+            "adapter_bytes": self.adapter_bytes,
             "slots": self.slots,
             "slot_bytes": self.slot_bytes,
             "scratch_bytes": self.scratch_bytes,
             "streamed_bytes_per_call": self.streamed_bytes,
             "budget": None if self.budget is None else vars(self.budget),
-            "prediction": None if self.prediction is None else vars(self.prediction),
+            # Uncalibrated, only the transfer time is known: the rest is null, not a guess.
+            "prediction": None if self.prediction is None else (
+                vars(self.prediction) if self.prediction.calibrated
+                else {**vars(self.prediction), "seconds": None, "compute_seconds": None, "bound": None}),
         }
 
 
@@ -215,11 +245,14 @@ def build_plan(
     device: torch.device,
     resident: set[int] | None = None,
     matched: tuple | None = None,
+    casts: Mapping[str, tuple[torch.dtype, ...]] | None = None,
 ) -> StreamPlan:
     """Match the model's tensors to checkpoint records and lay out every buffer.
 
     ``resident`` (block indices) overrides the placement's choice of keep_gpu blocks;
-    ``matched`` is match_tensors' result, when several plans are laid out for one model.
+    ``matched`` is match_tensors' result, when several plans are laid out for one model;
+    ``casts`` gives tensors the conversions from their stored dtype that a ``.to()`` of
+    the model asked for, in place of the library's loading rules.
 
     Raises:
         MissingTensorsError: model parameters on the meta device that no shard holds.
@@ -229,15 +262,27 @@ def build_plan(
     owners, buffer_names, kept_bytes = matched or match_tensors(model, records, block_paths)
     resident_idx = resident if resident is not None else choose_resident(len(block_paths), keep_gpu, placement)
 
+    casts = casts or {}
+
+    def chain(r: TensorRecord) -> tuple[torch.dtype, ...]:
+        if r.name in casts:
+            return casts[r.name]
+        target = family.target_dtype(r.name, r.dtype, dtype)
+        return () if target == r.dtype else (target,)
+
+    def target(r: TensorRecord) -> torch.dtype:
+        steps = chain(r)
+        return steps[-1] if steps else r.dtype
+
     def placements(names: list[str], cast: bool) -> tuple[list[TensorPlacement], int, int]:
         recs = sorted((records[n] for n in names), key=lambda r: (str(r.file), r.offset))
-        targets = {r.name: family.target_dtype(r.name, r.dtype, dtype) for r in recs}
         offsets, size = _layout(recs, device.type)
-        cast_recs = [r for r in recs if targets[r.name] != r.dtype] if cast else []
-        cast_sizes = [r.nbytes // r.dtype.itemsize * targets[r.name].itemsize for r in cast_recs]
+        cast_recs = [r for r in recs if chain(r)] if cast else []
+        cast_sizes = [r.nbytes // r.dtype.itemsize * target(r).itemsize for r in cast_recs]
         cast_offsets, cast_size = _layout_sizes(cast_sizes, device.type)
         cast_at = {r.name: o for r, o in zip(cast_recs, cast_offsets)}
-        out = [TensorPlacement(r.name, r, o, targets[r.name], cast_at.get(r.name)) for r, o in zip(recs, offsets)]
+        out = [TensorPlacement(r.name, r, o, target(r), cast_at.get(r.name), chain(r)[:-1])
+               for r, o in zip(recs, offsets)]
         return out, size, cast_size
 
     blocks = []
@@ -253,13 +298,14 @@ def build_plan(
 
     # The resident arena holds final values: lay it out in target-dtype sizes.
     res_recs = sorted((records[n] for n in resident_names), key=lambda r: (str(r.file), r.offset))
-    res_targets = [family.target_dtype(r.name, r.dtype, dtype) for r in res_recs]
-    if any(t != r.dtype for t, r in zip(res_targets, res_recs)):
+    res_targets = [target(r) for r in res_recs]
+    if any(chain(r) for r in res_recs):
         sizes = [r.nbytes // r.dtype.itemsize * t.itemsize for r, t in zip(res_recs, res_targets)]
         res_offsets, res_size = _layout_sizes(sizes, device.type)
     else:
         res_offsets, res_size = _layout(res_recs, device.type)
-    resident = tuple(TensorPlacement(r.name, r, o, t) for r, o, t in zip(res_recs, res_offsets, res_targets))
+    resident = tuple(TensorPlacement(r.name, r, o, t, None, chain(r)[:-1])
+                     for r, o, t in zip(res_recs, res_offsets, res_targets))
 
     streamed = [b for b in blocks if not b.resident]
     return StreamPlan(

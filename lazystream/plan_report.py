@@ -6,44 +6,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .adapters import build_skeleton, model_class, require_config
-from .checkpoint import Checkpoint
 from .errors import CheckpointNotFoundError
-from .header import DTYPES, TensorRecord
-from . import probe
-from .io import IOConfig, ring_layout
-from .model import checkpoint_dtype, checkpoint_id, make_model_plan, resolve_device
-from .plan import StreamPlan
-from .planner import PlanRequest
+from .resolve import (WeightFiles, hub_errors, is_offline, list_hub_files, looks_like_path, resolve, select_weights,
+                      weight_subfolders)
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("repo", help="a folder or a Hugging Face repo id")
-    parser.add_argument("--subfolder")
-    parser.add_argument("--revision")
-    parser.add_argument("--vram", help="device memory budget for --keep-gpu auto, e.g. 8GiB")
-    parser.add_argument("--keep-gpu", default="auto", help="resident blocks, or 'auto' (default)")
-    parser.add_argument("--placement", default="spread", choices=["first", "spread", "cost"])
-    parser.add_argument("--prefetch", type=int, default=2)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--activation-reserve", help="device memory left for activations, e.g. 1GiB")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+if TYPE_CHECKING:
+    from .plan import StreamPlan
 
 
 def run(args: argparse.Namespace) -> int:
-    keep_gpu: int | str = args.keep_gpu if args.keep_gpu == "auto" else int(args.keep_gpu)
-    request = PlanRequest.of(keep_gpu, args.placement, args.prefetch, args.vram, args.activation_reserve)
-    records, config, shard, ident = _headers(args.repo, args.subfolder, args.revision)
+    """``lazystream plan`` with the arguments lazystream.cli parsed (sizes in bytes)."""
+    # The checkpoint is found before torch is imported: a wrong path, a pipeline without
+    # --subfolder or an unreachable hub answer in a fraction of a second, not several.
+    files, remote = _locate(args.repo, args.subfolder, args.revision)
+
+    import torch
+
+    from .adapters import build_skeleton, model_class, require_config
+    from . import probe
+    from .io import IOConfig, ring_layout
+    from .model import checkpoint_dtype, make_model_plan, resolve_device
+    from .planner import PlanRequest
+
+    request = PlanRequest.of(args.keep_gpu, args.placement, args.prefetch, args.vram, args.activation_reserve)
+    device = resolve_device(args.device)
+    records, config, shard, ident = _headers(files, remote, args.repo, args.subfolder, args.revision)
     cls = model_class(require_config(config, Path(args.repo)), Path(args.repo) / "config.json")
     dtype = getattr(torch, args.dtype) if args.dtype else checkpoint_dtype(records)
     model = build_skeleton(cls, config, dtype)
-    device = resolve_device(args.device)
     plan, _ = make_model_plan(model, records, request, device=device, dtype=dtype, blocks=None, built_here=True,
                               measure=True, checkpoint_id=ident, shard=shard)
     staging = 0
@@ -53,7 +47,26 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**plan.summary(), "model_class": cls.__name__, "host_staging_bytes": staging}, indent=1))
     else:
         print(render(plan, cls.__name__, staging))
+    over = over_budget(plan, args.vram, args.activation_reserve)
+    if over:
+        print(f"lazystream plan: warning: {over}", file=sys.stderr)
     return 0
+
+
+def over_budget(plan: StreamPlan, vram: int | None, activation_reserve: int | None) -> str | None:
+    """What to say when a plan with a given number of resident blocks exceeds --vram (with
+    --keep-gpu auto the planner keeps within it)."""
+    if vram is None or plan.budget is not None:
+        return None
+    reserve = activation_reserve or 0
+    if plan.device_bytes + reserve <= vram:
+        return None
+    mib = 2**20
+    fit = plan.largest_keep_gpu_within(vram - reserve)
+    held = f" and --activation-reserve {reserve / mib:.1f} MiB" if reserve else ""
+    return (f"this plan needs {plan.device_bytes / mib:.1f} MiB of device memory{held}, over --vram "
+            f"{vram / mib:.1f} MiB; " + (f"--keep-gpu {fit} fits" if fit is not None else "even --keep-gpu 0 does not fit")
+            + " (or --keep-gpu auto chooses within --vram)")
 
 
 def render(plan: StreamPlan, class_name: str, staging: int) -> str:
@@ -69,30 +82,43 @@ def render(plan: StreamPlan, class_name: str, staging: int) -> str:
     return "\n".join(lines)
 
 
-def _headers(repo: str, subfolder: str | None, revision: str | None):
-    """(records, config, a local shard or None, checkpoint id) without reading weights:
-    a local folder or the Hugging Face cache, else the hub's header API."""
-    local = Path(repo).expanduser().is_dir()
+def _locate(repo: str, subfolder: str | None, revision: str | None) -> tuple[WeightFiles, bool]:
+    """The checkpoint's weight files, and whether they are on the hub (named relative to
+    the repo, from one listing) rather than here (a folder, or the Hugging Face cache)."""
+    if Path(repo).expanduser().is_dir() or looks_like_path(repo):
+        return resolve(repo, subfolder=subfolder, revision=revision), False
     try:
-        ckpt = Checkpoint.open(repo, subfolder=subfolder, revision=revision, local_files_only=not local)
+        return resolve(repo, subfolder=subfolder, revision=revision, local_files_only=True), False
     except CheckpointNotFoundError:
-        if local or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        if is_offline():
             raise
-        return _remote_headers(repo, subfolder, revision)
-    with ckpt:
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    with hub_errors(repo, revision):
+        listed = list_hub_files(repo, revision)
+    names = sorted(n[len(prefix):] for n in listed if n.startswith(prefix) and "/" not in n[len(prefix):])
+    return select_weights(Path(prefix or "."), names, None,
+                          subfolders=list if subfolder else lambda: weight_subfolders(listed)), True
+
+
+def _headers(files: WeightFiles, remote: bool, repo: str, subfolder: str | None, revision: str | None):
+    """(records, config, a local shard or None, checkpoint id) without reading weights:
+    from the local files, else through the hub's header API."""
+    from .checkpoint import Checkpoint
+    from .model import checkpoint_id
+
+    if remote:
+        with hub_errors(repo, revision):
+            return _remote_headers(repo, f"{subfolder.strip('/')}/" if subfolder else "", revision, files)
+    with Checkpoint(files) as ckpt:
         return dict(ckpt), ckpt.config, ckpt.shard_paths[0], checkpoint_id(ckpt)
 
 
-def _remote_headers(repo: str, subfolder: str | None, revision: str | None):
-    from huggingface_hub import HfApi, hf_hub_download, parse_safetensors_file_metadata
+def _remote_headers(repo: str, prefix: str, revision: str | None, chosen: WeightFiles):
+    from huggingface_hub import hf_hub_download, parse_safetensors_file_metadata
 
     from .checkpoint import read_index
-    from .resolve import select_weights
+    from .header import DTYPES, TensorRecord
 
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    listed = HfApi().list_repo_files(repo, revision=revision)
-    names = sorted(n[len(prefix):] for n in listed if n.startswith(prefix) and "/" not in n[len(prefix):])
-    chosen = select_weights(Path(prefix or "."), names, None)
     if chosen.index is not None:
         index = hf_hub_download(repo, prefix + chosen.index.name, revision=revision)
         shards = sorted(set(read_index(Path(index)).values()))

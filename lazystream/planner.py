@@ -146,10 +146,15 @@ def make_plan(
         best = min(fitting, key=lambda p: p.prediction.seconds)
         return dataclasses.replace(best, budget=Budget(budget, activation, f"budget: {source}; activations: {how}"))
     mib = 2**20
+    fixes = ["raise max_gpu_memory" if request.max_gpu_memory is not None else "free device memory"]
+    if activation:
+        fixes.append("lower activation_reserve" if request.activation_reserve is not None
+                     else "set a smaller activation_reserve")
     raise DeviceMemoryError(
-        f"keep_gpu='auto': even keep_gpu=0 with prefetch=1 needs {candidate(0, 1).device_bytes / mib:.1f} MiB, but "
-        f"the budget leaves {limit / mib:.1f} MiB ({budget / mib:.1f} MiB, {source}, less {activation / mib:.1f} MiB "
-        f"for activations); raise max_gpu_memory or free device memory"
+        f"keep_gpu='auto' found no plan within the budget: even keep_gpu=0 with prefetch=1 needs "
+        f"{candidate(0, 1).device_bytes / mib:.1f} MiB, but the budget leaves {limit / mib:.1f} MiB "
+        f"({budget / mib:.1f} MiB from {source}, less {activation / mib:.1f} MiB for activations, {how}); "
+        f"{' or '.join(fixes)}"
     )
 
 
@@ -157,8 +162,12 @@ def plan_builder(model: nn.Module, records: Mapping[str, TensorRecord], block_pa
                  dtype: torch.dtype, family: ModelFamily, device: torch.device) -> Callable[..., StreamPlan]:
     matched = match_tensors(model, records, block_paths)  # once: it warns of unused tensors
 
-    def build(*, keep_gpu: int, placement: str, prefetch: int, resident: set[int] | None = None) -> StreamPlan:
+    def build(*, keep_gpu: int, placement: str, prefetch: int, resident: set[int] | None = None,
+              on: torch.device = device, casts: Mapping[str, tuple[torch.dtype, ...]] | None = None,
+              default: torch.dtype = dtype) -> StreamPlan:
+        """One layout; ``on``, ``casts`` and ``default`` re-plan after a ``.to()`` of the model
+        (the tensors stay matched as they were at load, whatever modules were added since)."""
         return build_plan(model, records, block_paths, keep_gpu=keep_gpu, placement=placement, prefetch=prefetch,
-                          dtype=dtype, family=family, device=device, resident=resident, matched=matched)
+                          dtype=default, family=family, device=on, resident=resident, matched=matched, casts=casts)
 
     return build

@@ -1,27 +1,36 @@
 """The streaming controller of one model: the resident arena, the slots, the hooks that
 bind a streamed block's parameters to its slot around its forward, and prefetching in
-the learned execution order."""
+the learned execution order.
+
+What a checkpoint parameter is at each moment is decided here and nowhere else: during a
+call, a plain tensor on the device (a view of the resident arena, or of a slot while its
+block runs); between calls, its :class:`~lazystream.weights.CheckpointWeight`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, CopyRun, coalesce
 from .devices import device_ops
-from .errors import ClosedError, DeviceMemoryError
+from .errors import ClosedError, DeviceMemoryError, UnsupportedOperationError
 from .io import IOConfig, Loader, Ticket
+from .moves import probe
 from .plan import GRANULE, MAP_ALIGN, BlockPlan, StreamPlan, TensorPlacement, _round_up
 from .probe import Calibration
 from .telemetry import BlockTimer, CallStats, Stats
+from .tensors import ModelTensors
+from .weights import CheckpointWeight, WeightSource, apply_casts, refuse_write, set_metadata
 
 # Resident tensors that need a dtype conversion are loaded through a temporary buffer
 # of at most this many bytes (or one tensor, if larger), then converted on the device.
@@ -38,6 +47,25 @@ class _Slot:
     free_after: object = None  # device marker: the last compute that read the slot
 
 
+@dataclass
+class _Bound:
+    """Tensors registered in place of their weights for a call: the resident set, or one
+    block's views of a slot. ``bindings`` say where, as of the model scan ``generation``."""
+
+    params: dict[str, nn.Parameter]
+    casts: list[tuple[torch.Tensor, torch.Tensor, tuple[torch.dtype, ...]]] = field(default_factory=list)
+    bindings: list = field(default_factory=list)
+    generation: int = -1
+
+
+@dataclass
+class _Resources:
+    """What the finalizer releases; the loader changes when the model moves device."""
+
+    loader: Loader
+    ckpt: Checkpoint | None
+
+
 class Streamer:
     """Controls one streamed model. Get it with :func:`lazystream.streamer_of`.
 
@@ -47,24 +75,25 @@ class Streamer:
     """
 
     def __init__(self, model: nn.Module, ckpt: Checkpoint, plan: StreamPlan, io: IOConfig, *, owns_checkpoint: bool,
-                 on_calibrated: Callable[[Calibration], StreamPlan | None] | None = None):
+                 on_calibrated: Callable[[Calibration], StreamPlan | None] | None = None,
+                 replan: Callable[..., tuple[StreamPlan, Callable | None]] | None = None):
         """``on_calibrated``: the first call is timed, block by block, and this is called
-        with the result; a plan it returns replaces the current one."""
+        with the result; a plan it returns replaces the current one. ``replan(device=,
+        dtype=, casts=)``: the plan after a ``.to()`` of the model (None: refuse moves)."""
         self.model = model
         self.ckpt = ckpt
         self.plan = plan
         self.device = torch.device(plan.device)
         self.ops = device_ops(self.device)
-        self.loader = Loader(ckpt, self.ops, io)
-        self._finalizer = weakref.finalize(self, _release, self.loader, ckpt if owns_checkpoint else None)
+        self._io = io
+        self._resources = _Resources(Loader(ckpt, self.ops, io), ckpt if owns_checkpoint else None)
+        self._finalizer = weakref.finalize(self, _release, self._resources)
+        self._replan = replan
 
-        self._aliases = _aliases(model)
-        self._meta: dict[str, nn.Parameter] = {}
-        for name in [t.name for t in plan.resident_tensors] + [t.name for b in plan.streamed for t in b.tensors]:
-            self._meta[name] = _to_meta(self._param(name))
-        self._set_params({name: p for name, p in self._meta.items()})
-        self._home = _kept_tensors(model, set(self._meta))
-        self._runs = {b.index: coalesce((t.record, t.offset) for t in b.tensors) for b in plan.streamed}
+        self._sources: dict[str, WeightSource] = {}
+        self.tensors = ModelTensors(model, self._make_weights(plan))
+        self._fill_stored_buffers(plan)
+        self._runs = _block_runs(plan)
 
         self._exec_order = [b.index for b in plan.blocks]  # guessed; learned on the first call
         self._order = [b.index for b in plan.streamed]  # the streamed blocks in _exec_order
@@ -77,11 +106,12 @@ class Streamer:
         self._in_session = False
 
         self._arena: torch.Tensor | None = None
-        self._moved: list[torch.Tensor] = []  # buffers and checkpoint-less parameters on the device
+        self._resident = _Bound({})  # the resident tensors, bound during calls
+        self._grad_refused: set[int] = set()
         self._scratch: torch.Tensor | None = None
         self._slots: list[_Slot] = []
         self._bound: dict[int, _Slot] = {}
-        self._views: dict[tuple[int, int], tuple[dict[str, nn.Parameter], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._views: dict[tuple[int, int], _Bound] = {}  # (slot, block) -> the block's views of the slot
         self._loaded = False
         self._closed = False
 
@@ -93,15 +123,20 @@ class Streamer:
         self._last = CallStats()
         self._total = CallStats()
         self._calls = 0
+        # Hook bodies move bytes and swap parameters: torch.compile must run them as they
+        # are, never trace them. Marked here rather than at import: torch.compiler.disable
+        # imports torch._dynamo (~70 MiB, 1.6 s), which a model class imports anyway.
+        self._enter = torch.compiler.disable(self._enter)
+        self._exit = torch.compiler.disable(self._exit)
+        self._block_hooks = torch.compiler.disable(self._pre_block), torch.compiler.disable(self._post_block)
         # The root call is wrapped, not hooked: torch runs always_call hooks only for an
         # Exception, and a KeyboardInterrupt must release the lock and the slots too.
         model.forward = self._wrap_forward(model.forward)
+        model._apply = self._apply_to_model  # .to(), .cuda(), .half(): re-plan, see there
+        model.load_state_dict = self._wrap_load_state_dict(model.load_state_dict)
         self._block_calls: list[tuple[int, int]] = []  # blocks called outside a root call
-        modules = dict(model.named_modules())
-        for block in plan.blocks:  # all of them: a new plan may stream any
-            module = modules[block.path]
-            module.register_forward_pre_hook(_bind_index(self._pre_block, block.index))
-            module.register_forward_hook(_bind_index(self._post_block, block.index), always_call=True)
+        self._hooked: dict[int, tuple] = {}  # block index -> its hook handles
+        self._hook_streamed_blocks()
 
     # -- public -------------------------------------------------------------------------
 
@@ -112,7 +147,8 @@ class Streamer:
             if self._loaded:
                 return
             try:
-                self._load()
+                with _plain_tensors():
+                    self._load()
             except torch.OutOfMemoryError as exc:
                 self._free()
                 raise self._out_of_memory() from exc
@@ -147,7 +183,7 @@ class Streamer:
             last_call=self._last.copy(),
             total=self._total.copy(),
             resident_bytes=0 if self._arena is None else self._arena.numel(),
-            kept_bytes=sum(_round_up(t.nbytes, GRANULE) for t in self._moved),
+            kept_bytes=self.tensors.kept_nbytes(GRANULE) if self._loaded else 0,
             slot_bytes=sum(s.buffer.numel() for s in self._slots),
             scratch_bytes=0 if self._scratch is None else self._scratch.numel(),
             staging_bytes=self.loader.staging_bytes,
@@ -167,6 +203,57 @@ class Streamer:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def loader(self) -> Loader:
+        return self._resources.loader
+
+    def __reduce__(self):
+        raise UnsupportedOperationError(
+            f"a streamed {type(self.model).__name__} cannot be pickled or deep-copied: its weights stay in the "
+            "checkpoint. Save it with save_pretrained (or torch.save(model.state_dict())), or load a second copy "
+            "with LazyStreamModel.from_pretrained"
+        )
+
+    def __deepcopy__(self, memo):
+        self.__reduce__()
+
+    # -- the weights ---------------------------------------------------------------------
+
+    def _placements(self, plan: StreamPlan) -> dict[str, TensorPlacement]:
+        """Each checkpoint parameter's placement: in the arena if resident, else in its block."""
+        found = {t.name: t for b in plan.streamed for t in b.tensors}
+        found.update((t.name, t) for t in plan.resident_tensors)
+        return found
+
+    def _make_weights(self, plan: StreamPlan) -> dict[str, CheckpointWeight]:
+        """Give each checkpoint parameter its CheckpointWeight, under every name it has."""
+        aliases = _aliases(self.model)
+        weights = {}
+        for name, t in self._placements(plan).items():
+            source = WeightSource(name, functools.partial(_stored_value, self.ckpt, t.record), t.casts)
+            current = aliases[name][0][0]._parameters[aliases[name][0][1]]
+            weights[name] = CheckpointWeight(source, t.record.shape, t.dtype, self.device, current.requires_grad)
+            self._sources[name] = source
+            for module, leaf in aliases[name]:
+                module._parameters[leaf] = weights[name]
+        return weights
+
+    def _fill_stored_buffers(self, plan: StreamPlan) -> None:
+        """Buffers whose values the checkpoint holds get them once, on the host."""
+        with _plain_tensors():
+            for rec in plan.checkpoint_buffers:
+                buffer = self.model.get_buffer(rec.name)
+                buffer.data = self.ckpt.view(rec).to(buffer.dtype, copy=True)
+
+    def _take_in_changes(self) -> None:
+        """The model gained or lost modules or tensors (adapters, say): take them in."""
+        if self._loaded:
+            self.tensors.move_kept(self.device)
+        adapters = sum(_round_up(t.nbytes, GRANULE) for t in self.tensors.kept if isinstance(t, nn.Parameter))
+        kept = self.tensors.kept_nbytes(GRANULE)
+        if (kept, adapters) != (self.plan.kept_bytes, self.plan.adapter_bytes):
+            self.plan = dataclasses.replace(self.plan, kept_bytes=kept, adapter_bytes=adapters)
+
     # -- loading ------------------------------------------------------------------------
 
     def _load(self) -> None:
@@ -185,24 +272,11 @@ class Streamer:
         self._load_casts([t for t in plan.resident_tensors if t.needs_cast])
         ticket.wait()
         ops.compute_waits_for(ticket.ready)
-        self._set_params({
-            t.name: nn.Parameter(_view(self._arena, t.offset, t.dtype, t.record.shape), self._meta[t.name].requires_grad)
-            for t in plan.resident_tensors
-        })
-        stored = {rec.name: rec for rec in self.plan.checkpoint_buffers}
-        moved: dict[int, torch.Tensor] = {}  # keeps a tensor shared by two modules shared
-        for (module, leaf), (name, home) in self._home.items():
-            value = moved.get(id(home))
-            if value is None:
-                if name in stored:
-                    value = self.ckpt.view(stored[name]).to(self.device, dtype=home.dtype, copy=True)
-                else:
-                    value = home.to(self.device, copy=True)
-                if isinstance(home, nn.Parameter):
-                    value = nn.Parameter(value, home.requires_grad)
-                moved[id(home)] = value
-            _registry(module, home)[leaf] = value
-        self._moved = list(moved.values())
+        for t in plan.resident_tensors:
+            value = _view(self._arena, t.offset, t.dtype, t.record.shape)
+            self._resident.params[t.name] = nn.Parameter(value, self.tensors.weights[t.name].requires_grad)
+            self._sources[t.name].bound = value
+        self.tensors.move_kept(self.device)
         # Loading is not the hot path: finish it here, so a first call on any stream sees it.
         ops.host_waits_for(ops.compute_done())
 
@@ -222,19 +296,29 @@ class Streamer:
             for (t, start, count), run in zip(pieces, runs):
                 numel = t.record.nbytes // t.record.dtype.itemsize
                 target = _view(self._arena, t.offset, t.dtype, (numel,))[start:start + count]
-                target.copy_(raw[run.dest_offset:run.dest_offset + run.nbytes].view(t.record.dtype))
+                stored = raw[run.dest_offset:run.dest_offset + run.nbytes].view(t.record.dtype)
+                target.copy_(apply_casts(stored, t.via))
 
     def _replace_plan(self, plan: StreamPlan) -> None:
         """Switch to ``plan`` (same model and checkpoint): free, re-lay, load again."""
+        plan = dataclasses.replace(plan, kept_bytes=self.plan.kept_bytes, adapter_bytes=self.plan.adapter_bytes)
         if [b.resident for b in plan.blocks] == [b.resident for b in self.plan.blocks] and \
-                plan.prefetch == self.plan.prefetch:
+                plan.prefetch == self.plan.prefetch and plan.device == self.plan.device and \
+                self._placements(plan) == self._placements(self.plan):
             self.plan = plan  # same layout: keep what is loaded, take the new figures
             return
+        loaded = self._loaded
         self._free()
         self.plan = plan
-        self._runs = {b.index: coalesce((t.record, t.offset) for t in b.tensors) for b in plan.streamed}
+        self._runs = _block_runs(plan)
         self._order = [i for i in self._exec_order if not plan.blocks[i].resident]
-        self.load()
+        self._learned = False  # blocks that newly stream take their place in the order at the next call
+        self._hook_streamed_blocks()
+        for name, t in self._placements(plan).items():
+            self._sources[name].chain = t.casts
+            set_metadata(self.tensors.weights[name], t.dtype, self.device)
+        if loaded:
+            self.load()
 
     def _out_of_memory(self) -> DeviceMemoryError:
         plan, mib = self.plan, 2**20
@@ -256,17 +340,80 @@ class Streamer:
         self.ops.wait_compute_idle()  # nor a forward on any stream still reading one
         if not self._loaded and self._arena is None:
             return
-        self._set_params(self._meta)
-        for (module, leaf), (_, home) in self._home.items():
-            _registry(module, home)[leaf] = home
+        for name in self._resident.params:
+            self._sources[name].bound = None
+        if self.device.type != "cpu":
+            self.tensors.move_kept(torch.device("cpu"))
         self._arena = self._scratch = None
-        self._slots, self._bound, self._views, self._moved = [], {}, {}, []
+        self._resident, self._grad_refused = _Bound({}), set()
+        self._slots, self._bound, self._views = [], {}, {}
         self._cursor, self._wrapped = 0, False
         self._loaded = False
 
+    # -- moves and casts ----------------------------------------------------------------
+
+    def _apply_to_model(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """``Module._apply`` of the model (``to``, ``cuda``, ``cpu``, ``half``, ``float``...):
+        where the weights' device or dtypes change, re-plan and reload for them, so every
+        weight is what the library's model would hold after the same call."""
+        with self._lock:
+            self._check_open()
+            if self._depth:
+                raise UnsupportedOperationError("the model was moved or cast from inside its own forward")
+            if self.tensors.refresh():
+                self._take_in_changes()
+            conversion = probe(fn, self._placements(self.plan), self.device, self.plan.dtype)
+            if not conversion.changes(self.device, self._placements(self.plan)):
+                self.tensors.apply_to_kept(fn)
+                if not self._loaded:
+                    self.tensors.move_kept(torch.device("cpu"))
+                return self.model
+            if self._replan is None:
+                raise UnsupportedOperationError(
+                    f"this {type(self.model).__name__} was streamed by lazystream.attach, which cannot re-plan it for "
+                    "another device or dtype; pass device= and dtype= to attach instead"
+                )
+            plan, on_calibrated = self._replan(device=conversion.device, dtype=conversion.dtype,
+                                               casts=conversion.casts)
+            loaded = self._loaded
+            self._free()
+            if conversion.device != self.device:
+                self._move_to(conversion.device)
+            self.tensors.apply_to_kept(fn)
+            self.tensors.move_kept(torch.device("cpu"))
+            self._replace_plan(plan)
+            self._take_in_changes()
+            if on_calibrated is not None:
+                self._on_calibrated = on_calibrated
+            if loaded:
+                self.load()
+            return self.model
+
+    def _hook_streamed_blocks(self) -> None:
+        """Hook the streamed blocks, and only them: under torch.compile each hook is a graph
+        break, and a resident block needs none."""
+        modules = dict(self.model.named_modules())
+        pre, post = self._block_hooks
+        for block in self.plan.blocks:
+            handles = self._hooked.pop(block.index, None)
+            if block.resident:
+                for handle in handles or ():
+                    handle.remove()
+                continue
+            if handles is None:
+                module = modules[block.path]
+                handles = (module.register_forward_pre_hook(_bind_index(pre, block.index)),
+                           module.register_forward_hook(_bind_index(post, block.index), always_call=True))
+            self._hooked[block.index] = handles
+
+    def _move_to(self, device: torch.device) -> None:
+        self.loader.close()
+        self.device = device
+        self.ops = device_ops(device)
+        self._resources.loader = Loader(self.ckpt, self.ops, self._io)
+        self._timer = None
+
     # -- hooks --------------------------------------------------------------------------
-    # Hook bodies are excluded from torch.compile graphs: they move bytes and swap
-    # parameters, which a graph must not capture.
 
     def _wrap_forward(self, forward):
         @functools.wraps(forward)
@@ -282,9 +429,25 @@ class Streamer:
 
         return streamed_forward
 
-    @torch.compiler.disable
+    def _wrap_load_state_dict(self, load):
+        @functools.wraps(load)
+        def load_state_dict(state_dict, *args, **kwargs):
+            """Refuse, before anything is copied, to overwrite checkpoint weights in place
+            (torch would refuse each on its own, after loading the others)."""
+            assign = kwargs.get("assign", args[1] if len(args) > 1 else False)
+            if not assign:
+                weights = {id(w) for w in self.tensors.weights.values()}
+                hit = [name for name, p in self.model.named_parameters(remove_duplicate=False)
+                       if id(p) in weights and name in state_dict]
+                if hit:
+                    raise refuse_write(hit, "load_state_dict would copy new values into it")
+            return load(state_dict, *args, **kwargs)
+
+        return load_state_dict
+
     def _enter(self) -> None:
         self._check_open()
+        self._refuse_capture()
         self._lock.acquire()  # one call at a time: two threads must never mix weights
         try:
             self._check_open()  # close() may have run while this thread waited for the lock
@@ -292,26 +455,34 @@ class Streamer:
             self._depth += 1
             if self._depth == 1:
                 self.ops.note_compute_stream()
-                self.load()
-                if self._on_calibrated is not None and self._timer is None:
-                    modules = dict(self.model.named_modules())
-                    self._timer = BlockTimer([modules[b.path] for b in self.plan.blocks], self.device)
-                self._call, self._call_start = CallStats(), time.perf_counter()
-                self._observed = []
-                if not self._wrapped:
-                    self._cursor = 0
-                self._wrapped = False
-                self._prefetch()
+                self._begin_call()
         except BaseException:
             self._depth -= 1
             self._lock.release()
             raise
 
-    @torch.compiler.disable
+    def _begin_call(self) -> None:
+        changed = self.tensors.refresh()
+        self.tensors.refuse_other_offloaders()
+        if changed:
+            self._take_in_changes()
+        self.load()
+        self._bind_all(self._resident)
+        if self._on_calibrated is not None and self._timer is None:
+            modules = dict(self.model.named_modules())
+            self._timer = BlockTimer([modules[b.path] for b in self.plan.blocks], self.device)
+        self._call, self._call_start = CallStats(), time.perf_counter()
+        self._observed = []
+        if not self._wrapped:
+            self._cursor = 0
+        self._wrapped = False
+        self._prefetch()
+
     def _exit(self, completed: bool = True) -> None:
         try:
             if self._depth == 1:
                 self._release_bound()
+                self.tensors.unbind(self._resident.bindings)
                 self._end_call(completed)
         finally:
             self._depth -= 1
@@ -319,11 +490,38 @@ class Streamer:
                 self._owner = None
             self._lock.release()
 
+    def _refuse_capture(self) -> None:
+        if self.ops.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise UnsupportedOperationError(
+                f"a CUDA graph is being captured through streamed {type(self.model).__name__}: a graph would replay "
+                "the copies of one call's blocks into slots that later calls reuse for other blocks. Capture only "
+                "compute without streamed blocks, or use torch.compile without mode='reduce-overhead'"
+            )
+
+    def _bind_all(self, bound: _Bound) -> None:
+        if bound.generation != self.tensors.generation:
+            bound.bindings, bound.generation = self.tensors.bindings(bound.params), self.tensors.generation
+        if torch.is_grad_enabled():  # under no_grad or inference_mode, requires_grad changes nothing
+            with _plain_tensors():
+                for name, param in bound.params.items():
+                    self._sync_grad(name, param)
+        self.tensors.bind(bound.bindings)
+
+    def _sync_grad(self, name: str, param: nn.Parameter) -> None:
+        """Give the bound tensor the user's requires_grad; a gradient would land on it, not on
+        the parameter the user holds, so backward into it is refused."""
+        wanted = self.tensors.weights[name].requires_grad
+        if param.requires_grad != wanted:
+            param.requires_grad_(wanted)
+        if wanted and id(param) not in self._grad_refused:
+            param.register_hook(functools.partial(_refuse_weight_grad, name))
+            self._grad_refused.add(id(param))
+
     def _release_bound(self) -> None:
         """Free the slots of blocks still bound when a call ends: a BaseException such as
         KeyboardInterrupt skips the blocks' post-forward hooks."""
         for index, slot in list(self._bound.items()):
-            self._set_params({t.name: self._meta[t.name] for t in self.plan.blocks[index].tensors})
+            self._unbind_block(index, slot)
             slot.block, slot.ticket, slot.users = None, None, 0
             slot.free_after = self.ops.compute_done()
         self._bound.clear()
@@ -351,11 +549,8 @@ class Streamer:
             self._cursor, self._wrapped = 0, True
             self._prefetch()
 
-    @torch.compiler.disable
     def _pre_block(self, index: int, module: nn.Module, args: tuple) -> None:
         if self.plan.blocks[index].resident:
-            if not self._learned and self._depth and self._owner == threading.get_ident():
-                self._observed.append(index)
             return
         if self._depth == 0 or self._owner != threading.get_ident():
             # A submodule holding the blocks was called directly, not the model.
@@ -387,7 +582,6 @@ class Streamer:
         call.add_block(self.plan.blocks[index].nbytes, on_demand=stalled, waited=waited, ticket=slot.ticket)
         self._prefetch()
 
-    @torch.compiler.disable
     def _post_block(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
         if self.plan.blocks[index].resident:
             return
@@ -398,7 +592,7 @@ class Streamer:
             slot.users -= 1
             if slot.users:
                 return
-            self._set_params({t.name: self._meta[t.name] for t in self.plan.blocks[index].tensors})
+            self._unbind_block(index, slot)
             del self._bound[index]
             slot.block, slot.ticket = None, None
             slot.free_after = self.ops.compute_done()
@@ -451,11 +645,17 @@ class Streamer:
     def _bind(self, index: int, slot: _Slot) -> None:
         key = (slot.index, index)
         if key not in self._views:
-            self._views[key] = self._make_views(self.plan.blocks[index], slot.buffer)
-        params, casts = self._views[key]
-        for target, raw in casts:
-            target.copy_(raw)  # on the compute stream, after the bytes landed
-        self._set_params(params)
+            with _plain_tensors():
+                self._views[key] = self._make_views(self.plan.blocks[index], slot.buffer)
+        bound = self._views[key]
+        if bound.casts:
+            with _plain_tensors():
+                for target, raw, via in bound.casts:
+                    target.copy_(apply_casts(raw, via))  # on the compute stream, after the bytes landed
+        self._bind_all(bound)
+
+    def _unbind_block(self, index: int, slot: _Slot) -> None:
+        self.tensors.unbind(self._views[(slot.index, index)].bindings)
 
     def _make_views(self, block: BlockPlan, buffer: torch.Tensor):
         params, casts = {}, []
@@ -463,21 +663,10 @@ class Streamer:
             raw = _view(buffer, t.offset, t.record.dtype, t.record.shape)
             if t.needs_cast:
                 target = _view(self._scratch, t.cast_offset, t.dtype, t.record.shape)
-                casts.append((target, raw))
+                casts.append((target, raw, t.via))
                 raw = target
-            params[t.name] = nn.Parameter(raw, self._meta[t.name].requires_grad)
-        return params, casts
-
-    # -- parameters ---------------------------------------------------------------------
-
-    def _param(self, name: str) -> nn.Parameter:
-        module, leaf = self._aliases[name][0]
-        return module._parameters[leaf]
-
-    def _set_params(self, params: dict[str, nn.Parameter]) -> None:
-        for name, param in params.items():
-            for module, leaf in self._aliases[name]:
-                module._parameters[leaf] = param
+            params[t.name] = nn.Parameter(raw, self.tensors.weights[t.name].requires_grad)
+        return _Bound(params, casts)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -488,11 +677,28 @@ class Streamer:
             )
 
 
-def _release(loader: Loader, ckpt: Checkpoint | None) -> None:
+@contextlib.contextmanager
+def _plain_tensors() -> Iterator[None]:
+    """Buffers and views made here are ordinary tensors even inside the user's
+    ``torch.inference_mode()``: the worker thread (outside it) writes into them, and
+    later calls outside it use them."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _release(resources: _Resources) -> None:
     """Finalizer: also runs when the model is garbage-collected without close()."""
-    loader.close()
-    if ckpt is not None:
-        ckpt.close()
+    resources.loader.close()
+    if resources.ckpt is not None:
+        resources.ckpt.close()
+
+
+def _stored_value(ckpt: Checkpoint, record) -> torch.Tensor:
+    return ckpt.view(record)
+
+
+def _block_runs(plan: StreamPlan) -> dict[int, list[CopyRun]]:
+    return {b.index: coalesce((t.record, t.offset) for t in b.tensors) for b in plan.streamed}
 
 
 def _bind_index(hook, index: int):
@@ -513,28 +719,6 @@ def _aliases(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
                 by_id.setdefault(id(param), []).append((module, leaf))
                 names.setdefault(id(param), []).append(f"{prefix}.{leaf}" if prefix else leaf)
     return {name: list(dict.fromkeys(by_id[key])) for key, ns in names.items() for name in ns}
-
-
-def _kept_tensors(model: nn.Module, loaded: set[str]) -> dict[tuple[nn.Module, str], tuple[str, torch.Tensor]]:
-    """Buffers and parameters not loaded from slots or the arena: moved as they are."""
-    kept = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for registry in (module._parameters, module._buffers):
-            for leaf, t in registry.items():
-                name = f"{prefix}.{leaf}" if prefix else leaf
-                if t is not None and name not in loaded and not (isinstance(t, nn.Parameter) and t.device.type == "meta"):
-                    kept[(module, leaf)] = (name, t)
-    return kept
-
-
-def _registry(module: nn.Module, tensor: torch.Tensor) -> dict:
-    return module._parameters if isinstance(tensor, nn.Parameter) else module._buffers
-
-
-def _to_meta(param: nn.Parameter) -> nn.Parameter:
-    if param.device.type == "meta":
-        return param
-    return nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
 
 
 def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -563,9 +747,18 @@ def _cast_pieces(tensors: list[TensorPlacement], limit: int) -> Iterator[list[tu
         yield group
 
 
+def _refuse_weight_grad(name: str, grad: torch.Tensor) -> None:
+    raise UnsupportedOperationError(
+        f"backward into checkpoint weight {name!r}: lazystream binds the checkpoint's weights afresh on every call, so "
+        "a gradient could not reach the parameter you hold. Freeze them (model.requires_grad_(False), as peft does "
+        "for the base model), or run inference under torch.no_grad() / torch.inference_mode()",
+        tensor=name,
+    )
+
+
 def _refuse_backward(output: object, path: str) -> None:
     def refuse(grad: torch.Tensor) -> None:
-        raise RuntimeError(
+        raise UnsupportedOperationError(
             f"backward through streamed block {path!r}: its weights live in a reused buffer, so autograd "
             "cannot keep them. Run inference under torch.no_grad() or torch.inference_mode(), or keep this "
             "block resident (raise keep_gpu)"

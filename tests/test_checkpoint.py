@@ -359,7 +359,7 @@ def test_subfolder_of_a_diffusers_pipeline(tmp_path):
 
 @pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
 def test_folder_that_does_not_exist(tmp_path, monkeypatch, offline):
-    # An absolute path is not a valid repo id, so huggingface_hub refuses it before any request.
+    # An absolute path can only be meant as a folder: no hub lookup, online or not.
     if offline:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = tmp_path / "no" / "such" / "model"
@@ -367,7 +367,8 @@ def test_folder_that_does_not_exist(tmp_path, monkeypatch, offline):
     assert isinstance(err, CheckpointNotFoundError) and isinstance(err, FileNotFoundError)
     assert err.path == str(missing)
     assert str(missing) in str(err)
-    assert "neither an existing folder nor a valid Hugging Face repo id" in str(err)
+    assert str(err) == (f"no such folder: {missing}; expected a folder holding config.json and safetensors files, "
+                        "or a Hugging Face repo id such as 'Qwen/Qwen3-8B'")
 
 
 def test_missing_subfolder(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -126,8 +127,9 @@ def test_auto_plan_is_deterministic_for_a_probe_result(qwen3):
 
 
 def test_auto_too_small_a_budget(qwen3):
-    with pytest.raises(DeviceMemoryError, match=r"keep_gpu='auto': even keep_gpu=0 with prefetch=1 needs [\d.]+ MiB, "
-                                                r"but the budget leaves"):
+    with pytest.raises(DeviceMemoryError, match=r"keep_gpu='auto' found no plan within the budget: even keep_gpu=0 "
+                                                r"with prefetch=1 needs [\d.]+ MiB, but the budget leaves [\d.]+ MiB "
+                                                r"\([\d.]+ MiB from max_gpu_memory, .*\); raise max_gpu_memory$"):
         LazyStreamModel.from_pretrained(qwen3[0], "auto", max_gpu_memory="100KiB", activation_reserve=0)
 
 
@@ -190,15 +192,34 @@ def test_plan_command_matches_the_runtime_allocations(qwen3, capsys, keep_gpu, p
     streamer = streamer_of(model)
     assert printed["device_bytes"] == streamer.stats().device_bytes == streamer.plan.device_bytes
     assert [b["resident"] for b in printed["blocks"]] == [b.resident for b in streamer.plan.blocks]
-    assert printed["prediction"]["bound"] in {"compute", "pcie", "disk", "memcpy"}
+    prediction = printed["prediction"]
+    if prediction["calibrated"]:
+        assert prediction["bound"] in {"compute", "pcie", "disk", "memcpy"}
+    else:  # only the transfer is known: no made-up total or bound
+        assert prediction["seconds"] is prediction["compute_seconds"] is prediction["bound"] is None
+        assert prediction["transfer_seconds"] > 0 or int(keep_gpu) >= LAYERS
     streamer.close()
 
 
-def test_plan_command_table(qwen3, capsys):
+def test_plan_command_table(qwen3, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAZYSTREAM_CACHE", str(tmp_path))  # no calibration yet
     assert cli_main(["plan", str(qwen3[0]), "--vram", "700KiB", "--activation-reserve", "0"]) == 0
     out = capsys.readouterr().out
     assert "Qwen3ForCausalLM: 6 blocks" in out and "model.layers.5" in out
-    assert "budget 0.7 MiB" in out and "predicted" in out and "bound by" in out
+    assert "budget 0.7 MiB" in out
+    # Uncalibrated: the transfer time, and no made-up total or bound.
+    assert re.search(r"predicted per call: at least [\d.]+ ms, the transfer at the probed \w+ bandwidth", out)
+    assert "compute: not calibrated yet" in out and "bound by" not in out
+
+    model = LazyStreamModel.from_pretrained(qwen3[0], "auto", max_gpu_memory="700KiB", activation_reserve=0,
+                                            placement="cost")
+    with torch.no_grad():
+        model(qwen3[1])  # calibrates, for this machine and checkpoint
+    streamer_of(model).close()
+    assert cli_main(["plan", str(qwen3[0]), "--vram", "700KiB", "--activation-reserve", "0"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"predicted [\d.]+ ms per call: compute [\d.]+ ms, transfer [\d.]+ ms; bound by \w+", out)
+    assert "not calibrated" not in out
 
 
 def test_plan_command_reads_only_headers(qwen3, capsys, monkeypatch):
@@ -224,7 +245,10 @@ def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3
     files = sorted(p.name for p in path.iterdir())
 
     class Api:
-        def list_repo_files(self, repo, revision=None):
+        def model_info(self, repo, revision=None, token=None, timeout=None):
+            return None  # the hub answered: the repo exists
+
+        def list_repo_files(self, repo, revision=None, token=None):
             return files
 
     def download(repo, filename, revision=None, **kwargs):

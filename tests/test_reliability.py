@@ -31,6 +31,7 @@ from lazystream.errors import (
 )
 from lazystream.io import Ticket
 from lazystream.synthetic import build_qwen3, build_zimage
+from lazystream.weights import CheckpointWeight
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_exception_inside_a_streamed_block_leaves_the_model_usable(ref_qwen3):
         model(ids)
     del block.forward
     assert streamer._bound == {} and all(s.users == 0 for s in streamer._slots)
-    assert all(p.device.type == "meta" for p in block.parameters())
+    assert all(isinstance(p, CheckpointWeight) for p in block.parameters())
     assert streamer._depth == 0
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)

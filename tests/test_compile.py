@@ -1,0 +1,109 @@
+"""torch.compile of a streamed model and of its repeated blocks: the compiled library
+model's outputs, graph breaks only at lazystream's hooks, no recompiles after the first call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from diffusers import ZImageTransformer2DModel
+from torch._dynamo.utils import counters
+from transformers import Qwen3ForCausalLM
+
+from lazystream import LazyStreamModel, streamer_of
+from lazystream.synthetic import build_qwen3, build_zimage, zimage_config, zimage_inputs
+
+LAYERS = 4
+HOOKS = ("Streamer._enter", "Streamer._exit", "Streamer._pre_block", "Streamer._post_block")
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    path = build_qwen3(tmp_path_factory.mktemp("qwen3-compile"), max_shard_size="60KB")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    return path, ids
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def break_reasons() -> list[str]:
+    return [reason for reason, count in counters["graph_break"].items() for _ in range(count)]
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 1, 100])
+def test_breaks_only_at_the_hooks_and_no_recompiles(qwen3, keep_gpu):
+    path, ids = qwen3
+    want = logits(Qwen3ForCausalLM.from_pretrained(path), ids)
+    model = LazyStreamModel.from_pretrained(path, keep_gpu)
+    compiled = torch.compile(model, backend="eager")
+    assert torch.equal(logits(compiled, ids), want)
+    first = graphs()
+    reasons = break_reasons()
+    assert reasons and all(any(hook in reason for hook in HOOKS) for reason in reasons), reasons
+    if keep_gpu >= LAYERS:  # nothing streams: the whole forward is one graph between enter and exit
+        assert first == 1 and len(reasons) == 2
+    streamer = streamer_of(model)
+    with streamer.session():
+        for _ in range(2):
+            assert torch.equal(logits(compiled, ids), want)
+    streamer.unload()  # new buffers, same graphs
+    assert torch.equal(logits(compiled, ids), want)
+    assert graphs() == first and break_reasons() == reasons
+    streamer.close()
+
+
+def test_inductor_outputs_equal_the_compiled_library_model(qwen3):
+    path, ids = qwen3
+    want = logits(torch.compile(Qwen3ForCausalLM.from_pretrained(path)), ids)
+    model = LazyStreamModel.from_pretrained(path, 1)
+    compiled = torch.compile(model)
+    assert torch.equal(logits(compiled, ids), want)
+    first = graphs()
+    assert torch.equal(logits(compiled, ids), want)
+    assert graphs() == first
+    streamer_of(model).close()
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 3])
+def test_compile_repeated_blocks_equals_the_library(tmp_path, keep_gpu):
+    path = build_zimage(tmp_path, max_shard_size="60KB")
+    inputs = zimage_inputs(zimage_config())
+    ref = ZImageTransformer2DModel.from_pretrained(path).eval()
+    ref.compile_repeated_blocks(backend="eager")
+    with torch.no_grad():
+        want = ref(*inputs).sample[0]
+    model = LazyStreamModel.from_pretrained(path, keep_gpu)
+    model.compile_repeated_blocks(backend="eager")
+    with torch.no_grad():
+        assert torch.equal(model(*inputs).sample[0], want)
+        first = graphs()
+        assert torch.equal(model(*inputs).sample[0], want)
+    assert graphs() == first
+    assert all(any(hook in reason for hook in HOOKS) for reason in break_reasons())
+    streamer_of(model).close()
+
+
+def test_importing_lazystream_does_not_import_dynamo():
+    """torch._dynamo costs ~70 MiB and seconds: only a model load (its class imports it anyway) may bring it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lazystream import LazyStreamModel, LazyStreamPipeline, attach, streamer_of; "
+            "import lazystream.streamer, lazystream.pipeline; print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
