@@ -81,8 +81,7 @@ def family_of(model: nn.Module, dtype: torch.dtype, *, built_here: bool = False)
     ``built_here``: the model is a skeleton from build_skeleton at ``dtype``, so each
     parameter's dtype is the one its library declares.
     """
-    libraries = (base.__module__.split(".")[0] for base in type(model).__mro__)
-    library = next((lib for lib in libraries if lib in ("transformers", "diffusers")), "torch")
+    library = library_of(model)
     keep: list[str] = []
     if library == "transformers":
         if dtype == torch.float16:
@@ -93,6 +92,44 @@ def family_of(model: nn.Module, dtype: torch.dtype, *, built_here: bool = False)
         keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     declared = {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)} if built_here else {}
     return ModelFamily(library, tuple(keep), declared)
+
+
+def library_of(model: nn.Module | type[nn.Module]) -> str:
+    """"transformers" or "diffusers" (the library ``model``'s class or a base comes from), else "torch"."""
+    cls = model if isinstance(model, type) else type(model)
+    libraries = (base.__module__.split(".")[0] for base in cls.__mro__)
+    return next((lib for lib in libraries if lib in ("transformers", "diffusers")), "torch")
+
+
+def default_dtype(library: str, config: Mapping | None, records: Mapping[str, TensorRecord]) -> torch.dtype:
+    """The dtype the library's own loader gives a model loaded without ``dtype=``.
+
+    transformers (``dtype="auto"``): the config's ``dtype`` (or ``torch_dtype``), else the
+    first floating dtype, other than float8, of the first weights file in key order.
+    diffusers: torch's default dtype (float32): it builds the model in it and casts each
+    loaded tensor to its parameter's dtype. Anything else: the floating dtype holding the
+    most bytes (float32 if none, or if that is a float8 the model cannot be built in).
+    """
+    if library == "diffusers":
+        return torch.get_default_dtype()
+    if library == "transformers":
+        named = (config or {}).get("dtype") or (config or {}).get("torch_dtype")
+        if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+            return getattr(torch, named)
+        first_file = min((rec.file for rec in records.values()), default=None, key=str)
+        for name in sorted(n for n, rec in records.items() if rec.file == first_file):
+            if records[name].dtype.is_floating_point and not _is_float8(records[name].dtype):
+                return records[name].dtype
+        return torch.get_default_dtype()
+    sizes: dict[torch.dtype, int] = {}
+    for rec in records.values():
+        if rec.dtype.is_floating_point and not _is_float8(rec.dtype):
+            sizes[rec.dtype] = sizes.get(rec.dtype, 0) + rec.nbytes
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 def build_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:
@@ -169,14 +206,14 @@ def find_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> 
             else:
                 found.append(path)
         return found
-    class_names = set(getattr(model, "_repeated_blocks", None) or []) or set(getattr(model, "_no_split_modules", None) or [])
-    if class_names:
-        found = []
-        for name, module in modules.items():
-            if type(module).__name__ in class_names and not any(name.startswith(f + ".") for f in found):
-                found.append(name)
-        if found:
-            return found
+    declared = _declared_blocks(model, modules)
+    if declared and _share(modules, declared) >= COVER_SHARE:
+        return declared
+    covering = _covering_blocks(model, modules)
+    if covering and _share(modules, covering) > _share(modules, declared) + 0.05:
+        return covering
+    if declared:
+        return declared
     best: list[str] = []
     for name, module in modules.items():
         if isinstance(module, nn.ModuleList) and len(module) > len(best):
@@ -189,6 +226,86 @@ def find_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> 
             "no module list of like modules); pass blocks='path.to.module_list'"
         )
     return best
+
+
+# Blocks are meant to hold at least this share of a model's parameter bytes: what stays
+# outside them is resident whatever keep_gpu says.
+COVER_SHARE = 0.9
+# diffusers' UNet-style models register their parts in another order than they run them:
+# the down path, the middle, the up path; inside each part, resnet i then attention i, and
+# the sampler last. Registration order decides placement (which blocks stay resident).
+_PART_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+_INTERLEAVED = {"resnets": 0, "attentions": 1}
+_LAST = {"downsamplers", "upsamplers"}
+
+
+def _declared_blocks(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """The outermost modules of the classes in ``_repeated_blocks`` / ``_no_split_modules``."""
+    class_names = set(getattr(model, "_repeated_blocks", None) or []) or set(getattr(model, "_no_split_modules", None) or [])
+    found: list[str] = []
+    for name, module in modules.items():
+        if type(module).__name__ in class_names and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _share(modules: dict[str, nn.Module], paths: Sequence[str]) -> float:
+    total = _nbytes(modules[""])
+    return sum(_nbytes(modules[p]) for p in paths) / total if total else 0.0
+
+
+def _covering_blocks(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """Blocks that hold most of the bytes where the declared ones hold little (a UNet's
+    transformer blocks sit inside its down/mid/up blocks, beside the resnets).
+
+    The outermost elements of module lists; an element whose own inner list elements hold
+    COVER_SHARE of its bytes is replaced by them (a UNet down block by its resnets,
+    attentions and sampler). In run order (see _PART_ORDER), not registration order.
+    """
+    def elements(root: str) -> list[str]:
+        """The outermost module-list elements strictly inside ``root`` ("" for the model)."""
+        found: list[str] = []
+        for name, module in modules.items():
+            inside = name.startswith(root + ".") if root else bool(name)
+            if inside and isinstance(module, nn.ModuleList) and not any(name.startswith(f + ".") for f in found):
+                found += [f"{name}.{child}" for child in module._modules]
+        return found
+
+    def refine(path: str) -> list[str]:
+        inner = elements(path)
+        total = _nbytes(modules[path])
+        if inner and total and sum(_nbytes(modules[p]) for p in inner) >= COVER_SHARE * total:
+            return [q for p in inner for q in refine(p)]
+        return [path]
+
+    blocks = [q for p in elements("") for q in refine(p)]
+    blocks = [p for p in blocks if _nbytes(modules[p])]
+    return sorted(blocks, key=lambda p: _run_order(model, p))
+
+
+def _run_order(model: nn.Module, path: str) -> tuple:
+    key, module, parts, i = [], model, path.split("."), 0
+    while i < len(parts):
+        name = parts[i]
+        position = list(module._modules).index(name)
+        module = module._modules[name]
+        index = 0
+        if isinstance(module, nn.ModuleList) and i + 1 < len(parts):
+            index = list(module._modules).index(parts[i + 1])
+            module = module._modules[parts[i + 1]]
+            i += 1
+        if name in _INTERLEAVED:
+            key.append((1, index, _INTERLEAVED[name]))
+        elif name in _LAST:
+            key.append((2, index, position))
+        else:
+            key.append((1, _PART_ORDER.get(name, 3 + position), index))
+        i += 1
+    return tuple(key)
 
 
 def match_prefix(model: nn.Module, records: Mapping[str, TensorRecord]) -> Mapping[str, TensorRecord]:

@@ -4,10 +4,13 @@ once, and reads of tensor bytes that are zero-copy or coalesced into one copy pe
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +26,10 @@ from .errors import (
 )
 from .header import ShardHeader, TensorRecord, read_header
 from .resolve import WeightFiles, resolve
+from .source import TensorSource
+
+if TYPE_CHECKING:
+    from .plan import TensorPlacement
 
 
 def _read_json(path: Path, what: str, error: type[LazyStreamError]) -> object:
@@ -68,10 +75,18 @@ class CopyRun:
     nbytes: int
 
 
-def coalesce(items: Iterable[tuple[TensorRecord, int]]) -> list[CopyRun]:
-    """Merge (record, destination offset) pairs into the fewest contiguous copies.
+class StoredBytes(Protocol):
+    """Bytes of a file: a :class:`TensorRecord` or a :class:`~lazystream.source.ByteRun`."""
 
-    Two records merge when they are adjacent both in their file and in the destination.
+    file: Path
+    offset: int
+    nbytes: int
+
+
+def coalesce(items: Iterable[tuple[StoredBytes, int]]) -> list[CopyRun]:
+    """Merge (stored bytes, destination offset) pairs into the fewest contiguous copies.
+
+    Two pieces merge when they are adjacent both in their file and in the destination.
     """
     runs: list[CopyRun] = []
     for rec, dest in sorted(items, key=lambda it: (str(it[0].file), it[0].offset)):
@@ -86,11 +101,21 @@ def coalesce(items: Iterable[tuple[TensorRecord, int]]) -> list[CopyRun]:
     return runs
 
 
+def copy_runs(placements: Iterable[TensorPlacement]) -> list[CopyRun]:
+    """The fewest copies that lay each placement's source runs at its buffer offset."""
+    return coalesce((run, t.offset + run.dest) for t in placements for run in t.source.runs)
+
+
+# Linux's value where Python's mmap module does not name it (before 3.13).
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
 class Shard:
     """One safetensors file, memory-mapped read-only for its whole life.
 
     The map is copy-on-write (as ``torch.UntypedStorage.from_file`` maps), so a caller
     who writes into a view gets private pages instead of a crash; the file never changes.
+    It reserves no memory up front: only pages written to take any.
     """
 
     def __init__(self, header: ShardHeader):
@@ -104,7 +129,12 @@ class Shard:
                 f"{self.path} changed while it was being opened ({header.file_size} bytes, now {st.st_size})",
                 path=self.path,
             )
-        self._map = np.memmap(self._file, dtype=np.uint8, mode="c")
+        # MAP_NORESERVE: a private writable map is otherwise charged in full against the
+        # commit limit, and one larger than RAM and swap (a 24 GB single-file checkpoint on
+        # a 16 GB machine) fails with ENOMEM under the default heuristic overcommit.
+        self._mmap = mmap.mmap(self._file.fileno(), 0, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map = np.frombuffer(self._mmap, dtype=np.uint8)
         self.bytes = torch.from_numpy(self._map)
 
     def check_unchanged(self) -> None:
@@ -138,6 +168,7 @@ class Shard:
         # Views handed out keep the mapping alive through their base; dropping ours is safe.
         self.bytes = None
         self._map = None
+        self._mmap = None
         self._file.close()
 
 
@@ -269,10 +300,11 @@ class Checkpoint(Mapping[str, TensorRecord]):
         numel = rec.nbytes // rec.dtype.itemsize
         return torch.frombuffer(shard._map, dtype=rec.dtype, count=numel, offset=rec.offset).view(rec.shape)
 
-    def read_into(self, items: Iterable[tuple[TensorRecord, int]], dest: torch.Tensor) -> int:
-        """Copy each record's bytes to ``dest[offset:offset + nbytes]``; return bytes copied.
+    def read_into(self, items: Iterable[tuple[StoredBytes, int]], dest: torch.Tensor) -> int:
+        """Copy each record's (or run's) bytes to ``dest[offset:offset + nbytes]``; return
+        bytes copied.
 
-        ``dest`` is a 1-D uint8 CPU tensor (pinned or not). Records adjacent in both their
+        ``dest`` is a 1-D uint8 CPU tensor (pinned or not). Pieces adjacent in both their
         file and ``dest`` are copied as one run.
         """
         self._live_shards()
@@ -310,3 +342,38 @@ class Checkpoint(Mapping[str, TensorRecord]):
     def __repr__(self) -> str:
         state = "closed" if self._shards is None else f"{len(self._shards)} shard(s)"
         return f"Checkpoint({str(self.folder)!r}, {len(self)} tensors, {self.nbytes / 2**20:.1f} MiB, {state})"
+
+
+def read_value(ckpt: Checkpoint, source: TensorSource | TensorPlacement) -> torch.Tensor:
+    """The stored value of one model tensor on the host, in its stored dtype and the
+    model's shape.
+
+    Args:
+        ckpt: the open checkpoint the source's runs lie in.
+        source: a :class:`~lazystream.source.TensorSource`, or a plan's
+            :class:`~lazystream.plan.TensorPlacement` (its ``source``).
+
+    Returns:
+        A zero-copy, copy-on-write view of the mapped shard when the value is one
+        contiguous run of it (a stored tensor, or a piece of one split along its first
+        dimension); otherwise a fresh tensor assembled from the runs (stacked experts, a
+        fused projection).
+
+    Raises:
+        ShardChangedError: a shard changed on disk since it was opened.
+        ClosedError: the checkpoint was closed.
+
+    Example:
+        >>> value = read_value(ckpt, streamer.plan.blocks[0].tensors[0])
+    """
+    source = getattr(source, "source", source)
+    if source.numel == 0:
+        return torch.empty(source.shape, dtype=source.dtype)
+    if len(source.runs) == 1:
+        run = source.runs[0]
+        shard = ckpt.shard(run.file)
+        shard.check_unchanged()
+        return torch.frombuffer(shard._map, dtype=source.dtype, count=source.numel, offset=run.offset).view(source.shape)
+    out = torch.empty(source.nbytes, dtype=torch.uint8)
+    ckpt.read_into(((run, run.dest) for run in source.runs), out)
+    return out.view(source.dtype).view(source.shape)

@@ -86,8 +86,10 @@ device memory by term, host memory, and the predicted time per call.""",
 examples:
   lazystream plan ./my-checkpoint --keep-gpu 20
   lazystream plan Tongyi-MAI/Z-Image-Turbo --subfolder transformer --vram 8GiB""")
-    plan.add_argument("repo", metavar="REPO", help="a local folder or a Hugging Face repo id (org/name)")
+    plan.add_argument("repo", metavar="REPO", help="a local folder, a Hugging Face repo id (org/name), or a single .safetensors file (with --config)")
     plan.add_argument("--subfolder", help="the component's folder inside REPO, e.g. transformer for a pipeline")
+    plan.add_argument("--config", metavar="REPO",
+                      help="for a single .safetensors file: the repo or folder of its diffusers config (with --subfolder)")
     plan.add_argument("--revision", help="branch, tag or commit of a hub repo (default: main)")
     plan.add_argument("--keep-gpu", type=_keep_gpu, default="auto", metavar="N|auto",
                       help="blocks kept resident on the device, or auto: as many as fit --vram (default: auto)")

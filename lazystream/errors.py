@@ -121,6 +121,11 @@ class ShapeMismatchError(LazyStreamError, ValueError):
     """A checkpoint tensor's shape differs from the model's parameter."""
 
 
+class UnsupportedConversionError(LazyStreamError, ValueError):
+    """The library computes a tensor from the checkpoint at load (beyond views,
+    concatenations and stacks of stored bytes), so it cannot be streamed as byte runs."""
+
+
 class OtherOffloaderError(LazyStreamError, ValueError):
     """The model already carries offloading hooks (accelerate, diffusers, lazystream)."""
 

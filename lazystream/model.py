@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapters import build_skeleton, family_of, find_blocks, match_prefix, model_class, require_config
+from .adapters import (ModelFamily, build_skeleton, default_dtype, family_of, find_blocks, library_of, model_class,
+                       require_config)
 from .checkpoint import Checkpoint
+from .conversions import sources_for
 from .header import TensorRecord
 from .errors import OtherOffloaderError, UnavailableDeviceError
 from .io import IOConfig
 from . import probe
 from .planner import PlanRequest, make_plan, plan_builder
 from .plan import StreamPlan
+from .source import SourceMap
 from .streamer import Streamer
 
 _ATTR = "_lazystream"
@@ -57,8 +59,11 @@ class LazyStreamModel:
             keep_gpu: blocks kept resident (int >= 0; more than the model has: all), or
                 "auto": as many as fit max_gpu_memory with the slots and activations.
             device: default CUDA when available, else CPU.
-            dtype: default the checkpoint's; otherwise cast as the library's own loader
-                would (keep-in-fp32 modules stay float32), on the device.
+            dtype: default the one the model's library chooses (transformers: the
+                config's dtype, else the checkpoint's first floating dtype other than
+                float8; diffusers: float32); tensors stored in another are cast as the
+                library's own loader would (keep-in-fp32 modules stay float32), on the
+                device: float8 weights stream as float8 bytes.
             subfolder, variant, revision, cache_dir, local_files_only, token: as in
                 ``from_pretrained`` of transformers and diffusers.
             model_cls: the class to build, e.g. a subclass; default the config's.
@@ -96,7 +101,7 @@ class LazyStreamModel:
         try:
             config = require_config(ckpt.config, ckpt.folder)
             cls = model_cls or model_class(config, ckpt.folder / "config.json")
-            dtype = dtype or checkpoint_dtype(ckpt)
+            dtype = dtype or default_dtype(library_of(cls), config, ckpt)
             model = build_skeleton(cls, config, dtype)
             _attach(model, ckpt, request, device=device, dtype=dtype, blocks=blocks, io=io, owns_checkpoint=True,
                     built_here=True, load=load)
@@ -104,6 +109,83 @@ class LazyStreamModel:
             ckpt.close()
             raise
         return model
+
+    @staticmethod
+    def from_single_file(
+        path_or_repo_file: str | os.PathLike,
+        keep_gpu: int | str,
+        *,
+        config: str | os.PathLike | None = None,
+        subfolder: str | None = None,
+        model_cls: type[nn.Module] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        config_revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        blocks: str | Sequence[str] | None = None,
+        placement: str = "spread",
+        prefetch: int = 2,
+        io: IOConfig | None = None,
+        max_gpu_memory: int | str | None = None,
+        activation_reserve: int | str | None = None,
+        load: bool = True,
+        **kwargs,
+    ) -> nn.Module:
+        """Load a diffusers model from one safetensors file in its original layout (as
+        ComfyUI and model sites ship them: original key names, fused qkv), as diffusers'
+        ``Model.from_single_file`` does, with ``keep_gpu`` blocks resident and the others
+        streamed from the file. Each parameter diffusers' conversion assembles (a split
+        of a fused qkv, swapped halves) is read as byte runs of the file.
+
+        Args:
+            path_or_repo_file: a local file, or ``https://huggingface.co/<repo>/blob/main/<file>``
+                (from the Hugging Face cache when offline).
+            keep_gpu: as in :meth:`from_pretrained`.
+            config: a repo id or folder holding the model's diffusers config.json (with
+                ``subfolder``); default, as diffusers: the repo its key names identify,
+                at the class's default subfolder (needs ``model_cls``).
+            subfolder: the config's subfolder in ``config``.
+            model_cls: the diffusers class; default the one the config names.
+            dtype: as diffusers' from_single_file: default float32; otherwise every
+                floating tensor in dtype (its final ``.to(dtype)`` includes keep-in-fp32
+                modules), cast on the device.
+            revision: the file's revision on the hub; ``config_revision``: the config's.
+            device, cache_dir, local_files_only, token, blocks, placement, prefetch, io,
+                max_gpu_memory, activation_reserve, load: as in :meth:`from_pretrained`.
+            kwargs: keyword arguments of diffusers' from_single_file: the conversion
+                function's, and model config values.
+
+        Returns:
+            An instance of the model's class; ``lazystream.streamer_of(model)`` controls it.
+
+        Raises:
+            ValueError: bad keep_gpu, placement, prefetch or memory size.
+            CheckpointNotFoundError, UnsupportedFormatError: no such file, or not safetensors.
+            UnknownModelClassError: no class given or named, or one diffusers cannot load
+                from a single file.
+            UnsupportedConversionError: diffusers computes some values at load (names them).
+
+        Example:
+            >>> model = LazyStreamModel.from_single_file(
+            ...     "z_image_turbo_bf16.safetensors", keep_gpu=22, config="Tongyi-MAI/Z-Image-Turbo",
+            ...     subfolder="transformer", dtype=torch.bfloat16)
+        """
+        from .single_file import open_single_file
+
+        request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
+        opened = open_single_file(path_or_repo_file, config=config, subfolder=subfolder, model_cls=model_cls,
+                                  dtype=dtype, revision=revision, config_revision=config_revision,
+                                  cache_dir=cache_dir, local_files_only=local_files_only, token=token, **kwargs)
+        try:
+            _attach(opened.model, opened.checkpoint, request, device=device, dtype=opened.dtype, blocks=blocks, io=io,
+                    owns_checkpoint=True, load=load, sources=opened.sources, family=opened.family)
+        except BaseException:
+            opened.checkpoint.close()
+            raise
+        return opened.model
 
 
 def attach(
@@ -135,7 +217,8 @@ def attach(
     owns = not isinstance(repo_or_path, Checkpoint)
     ckpt = Checkpoint.open(repo_or_path, **resolve_kwargs) if owns else repo_or_path
     try:
-        _attach(model, ckpt, request, device=device, dtype=dtype or checkpoint_dtype(ckpt), blocks=blocks, io=io,
+        _attach(model, ckpt, request, device=device, dtype=dtype or default_dtype(library_of(model), ckpt.config, ckpt),
+                blocks=blocks, io=io,
                 owns_checkpoint=owns)
     except BaseException:
         if owns:
@@ -152,13 +235,11 @@ def streamer_of(model: nn.Module) -> Streamer:
     return streamer
 
 
-def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's bytes (float32 if none)."""
-    sizes: Counter[torch.dtype] = Counter()
-    for rec in ckpt.values():
-        if rec.dtype.is_floating_point:
-            sizes[rec.dtype] += rec.nbytes
-    return sizes.most_common(1)[0][0] if sizes else torch.float32
+def checkpoint_dtype(ckpt: Mapping[str, TensorRecord]) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's bytes, float8 aside (no model
+    can be built in it); float32 if none. Loading without ``dtype=`` follows the model's
+    library instead (see :func:`lazystream.adapters.default_dtype`)."""
+    return default_dtype("torch", None, ckpt)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -196,13 +277,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], request: PlanRequest, *,
                     device: torch.device, dtype: torch.dtype, blocks, built_here: bool, measure: bool,
-                    checkpoint_id: str, shard: Path | None):
+                    checkpoint_id: str, shard: Path | None, sources: SourceMap | None = None,
+                    family: ModelFamily | None = None):
     """The plan for ``model`` and, when a calibration call is still needed, the callback
     that re-plans with its result. ``measure``: run the bandwidth probe (cached per
     machine; ``shard`` is a local file to time reads of) even where the plan does not
-    need it, for its predicted time."""
-    build = plan_builder(model, match_prefix(model, records), find_blocks(model, blocks), dtype=dtype,
-                         family=family_of(model, dtype, built_here=built_here), device=device)
+    need it, for its predicted time. ``sources`` and ``family``: a loader's own (a
+    single-file conversion's), instead of those of the model's library for ``records``."""
+    build = plan_builder(model, sources if sources is not None else sources_for(model, records),
+                         find_blocks(model, blocks), dtype=dtype,
+                         family=family or family_of(model, dtype, built_here=built_here), device=device)
     return plan_with(build, request, device=device, dtype=dtype, measure=measure, checkpoint_id=checkpoint_id,
                      shard=shard)
 
@@ -234,11 +318,11 @@ def checkpoint_id(ckpt: Checkpoint) -> str:
 
 
 def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, owns_checkpoint,
-            built_here=False, load=True) -> None:
+            built_here=False, load=True, sources=None, family=None) -> None:
     _refuse_other_offloaders(model)
     device = resolve_device(device)
-    build = plan_builder(model, match_prefix(model, ckpt), find_blocks(model, blocks), dtype=dtype,
-                         family=family_of(model, dtype, built_here=built_here), device=device)
+    build = plan_builder(model, sources if sources is not None else sources_for(model, ckpt), find_blocks(model, blocks),
+                         dtype=dtype, family=family or family_of(model, dtype, built_here=built_here), device=device)
     replan = functools.partial(plan_with, build, request, measure=False, checkpoint_id=checkpoint_id(ckpt),
                                shard=ckpt.shard_paths[0])
     plan, on_calibrated = replan(device=device, dtype=dtype)

@@ -49,7 +49,7 @@ def probe(fn: Callable[[torch.Tensor], torch.Tensor], placements: Mapping[str, T
     for name, t in placements.items():
         new_device, new_dtype = apply(t.dtype)
         devices.add(new_device)
-        casts[name] = cast_chain(t.record.dtype, (*t.casts, new_dtype))
+        casts[name] = cast_chain(t.source.dtype, (*t.casts, new_dtype))
     if len(devices) > 1:
         raise UnsupportedOperationError(
             f"this operation would spread the weights over {sorted(map(str, devices))}; lazystream streams a model "

@@ -52,6 +52,7 @@ class LazyStreamPipeline:
         dtype: torch.dtype | None = None,
         pipeline_cls: type[DiffusionPipeline] | None = None,
         phases: Sequence[str] | None = None,
+        single_files: Mapping[str, str | os.PathLike] | None = None,
         placement: str = "spread",
         prefetch: int = 2,
         io: IOConfig | None = None,
@@ -83,6 +84,10 @@ class LazyStreamPipeline:
             phases: the components whose calls begin a phase, in the order the pipeline
                 runs them; default its ``model_cpu_offload_seq``. A component outside
                 them (a ControlNet called at every step) runs inside the current phase.
+            single_files: component name (one of ``keep_gpu``) -> a single-file checkpoint
+                in the original layout (a path, or a hub file URL) to stream instead of
+                the repo's weights, as :meth:`LazyStreamModel.from_single_file` with the
+                repo's subfolder as its config; e.g. ``{"transformer": "z_image_turbo_bf16.safetensors"}``.
             placement, prefetch, io: as in :meth:`LazyStreamModel.from_pretrained`, for
                 every streamed component.
             max_gpu_memory, activation_reserve: the budget of each "auto" component, as
@@ -117,6 +122,10 @@ class LazyStreamPipeline:
         import diffusers
 
         names = _check_keep_gpu(keep_gpu, placement, prefetch, pipeline_kwargs)
+        single_files = dict(single_files or {})
+        if not set(single_files) <= set(names):
+            raise ValueError(f"single_files names {sorted(set(single_files) - set(names))}, which keep_gpu does not "
+                             "stream; give each single-file component a keep_gpu too")
         hub = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
         index = (pipeline_cls or diffusers.DiffusionPipeline).load_config(repo_or_path, **hub)
         if pipeline_cls is None:
@@ -138,10 +147,17 @@ class LazyStreamPipeline:
         streamed: dict[str, nn.Module] = {}
         try:
             for name in sorted(names, key=lambda n: n == first):
-                streamed[name] = LazyStreamModel.from_pretrained(
-                    repo_or_path, keep_gpu[name], device=device, dtype=dtype, subfolder=name, variant=variant,
-                    model_cls=classes[name], placement=placement, prefetch=prefetch, io=io,
-                    max_gpu_memory=max_gpu_memory, activation_reserve=activation_reserve, load=name == first, **hub)
+                common = dict(device=device, dtype=dtype, model_cls=classes[name], placement=placement,
+                              prefetch=prefetch, io=io, max_gpu_memory=max_gpu_memory,
+                              activation_reserve=activation_reserve, load=name == first, cache_dir=cache_dir,
+                              local_files_only=local_files_only, token=token)
+                if name in single_files:
+                    streamed[name] = LazyStreamModel.from_single_file(
+                        single_files[name], keep_gpu[name], config=os.fspath(repo_or_path), subfolder=name,
+                        config_revision=revision, **common)
+                else:
+                    streamed[name] = LazyStreamModel.from_pretrained(
+                        repo_or_path, keep_gpu[name], subfolder=name, variant=variant, revision=revision, **common)
             pipe.register_modules(**streamed)
             Phases(pipe, streamed, order, device)
         except BaseException:

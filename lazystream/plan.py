@@ -13,7 +13,7 @@ from torch import nn
 from . import cost
 from .adapters import ModelFamily
 from .errors import MissingTensorsError, ShapeMismatchError
-from .header import TensorRecord
+from .source import TensorSource
 
 PLACEMENTS = ("first", "spread", "cost")
 
@@ -33,17 +33,20 @@ GRANULE = 512
 
 @dataclass(frozen=True)
 class TensorPlacement:
-    """One tensor: its name in the model, its bytes on disk, and where it goes.
+    """One tensor: its name in the model, the byte runs of the checkpoint that make its
+    value (``source``: one for a stored tensor, several for one the library assembles),
+    and where it goes.
 
     ``offset`` is in the buffer that receives the stored bytes (a slot for a streamed
-    block, the resident arena otherwise); ``cast_offset``, where the target dtype differs
-    from the stored one, is in the buffer that holds the converted values. ``via``: dtypes
-    the values pass through before ``dtype``, as after ``.to(bfloat16)`` then ``.float()``
-    (each step rounds as the library's own model rounded it).
+    block, the resident arena otherwise): each run lands at ``offset + run.dest``;
+    ``cast_offset``, where the target dtype differs from the stored one, is in the buffer
+    that holds the converted values. ``via``: dtypes the values pass through before
+    ``dtype``, as after ``.to(bfloat16)`` then ``.float()`` (each step rounds as the
+    library's own model rounded it).
     """
 
     name: str
-    record: TensorRecord
+    source: TensorSource
     offset: int
     dtype: torch.dtype
     cast_offset: int | None = None
@@ -51,7 +54,7 @@ class TensorPlacement:
 
     @property
     def needs_cast(self) -> bool:
-        return self.dtype != self.record.dtype or bool(self.via)
+        return self.dtype != self.source.dtype or bool(self.via)
 
     @property
     def casts(self) -> tuple[torch.dtype, ...]:
@@ -71,7 +74,7 @@ class BlockPlan:
     @property
     def resident_nbytes(self) -> int:
         """Bytes it takes when resident (in the target dtypes)."""
-        return sum(t.record.nbytes // t.record.dtype.itemsize * t.dtype.itemsize for t in self.tensors)
+        return sum(t.source.numel * t.dtype.itemsize for t in self.tensors)
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,10 @@ class StreamPlan:
     resident_tensors: tuple[TensorPlacement, ...]  # non-block tensors and resident blocks'
     resident_bytes: int  # the resident arena
     kept_bytes: int  # buffers and checkpoint-less parameters, moved to the device as they are
-    checkpoint_buffers: tuple[TensorRecord, ...]  # buffers whose values the checkpoint holds
+    checkpoint_buffers: tuple[TensorSource, ...]  # buffers whose values the checkpoint holds
     slot_bytes: int
     scratch_bytes: int  # converted tensors of the streamed block in use
+    param_bytes: int  # stored bytes of every parameter the checkpoint holds, in blocks or not
     prediction: Prediction | None = None
     budget: Budget | None = None
     adapter_bytes: int = 0  # of kept_bytes: parameters added after load (LoRA adapters), resident
@@ -134,6 +138,16 @@ class StreamPlan:
     def streamed_bytes(self) -> int:
         """Bytes read per call when every streamed block runs once."""
         return sum(b.nbytes for b in self.streamed)
+
+    @property
+    def block_share(self) -> float:
+        """The share of the parameter bytes inside blocks: what keep_gpu=0 streams."""
+        return sum(b.nbytes for b in self.blocks) / self.param_bytes if self.param_bytes else 0.0
+
+    @property
+    def streamed_share(self) -> float:
+        """The share of the parameter bytes this plan streams."""
+        return self.streamed_bytes / self.param_bytes if self.param_bytes else 0.0
 
     def estimate_device_bytes(self, keep_gpu: int) -> int:
         """An upper bound of the device bytes the same model would need with ``keep_gpu``
@@ -165,7 +179,8 @@ class StreamPlan:
             + (f" + adapters {self.adapter_bytes / mib:.1f}" if self.adapter_bytes else "")
             + f" + {self.slots} slot(s) x {self.slot_bytes / mib:.1f}"
             f" + cast scratch {self.scratch_bytes / mib:.1f}",
-            f"  streamed per call {self.streamed_bytes / mib:.1f} MiB",
+            f"  streamed per call {self.streamed_bytes / mib:.1f} MiB, {self.streamed_share:.1%} of the weights "
+            f"(blocks hold {self.block_share:.1%}: keep_gpu=0 streams that)",
         ]
         if self.budget is not None:
             b = self.budget
@@ -206,6 +221,9 @@ class StreamPlan:
             "slot_bytes": self.slot_bytes,
             "scratch_bytes": self.scratch_bytes,
             "streamed_bytes_per_call": self.streamed_bytes,
+            "param_bytes": self.param_bytes,
+            "block_share": self.block_share,
+            "streamed_share": self.streamed_share,
             "budget": None if self.budget is None else vars(self.budget),
             # Uncalibrated, only the transfer time is known: the rest is null, not a guess.
             "prediction": None if self.prediction is None else (
@@ -234,7 +252,7 @@ def check_args(keep_gpu: object, placement: object, prefetch: object) -> None:
 
 def build_plan(
     model: nn.Module,
-    records: Mapping[str, TensorRecord],
+    sources: Mapping[str, TensorSource],
     block_paths: Sequence[str],
     *,
     keep_gpu: int,
@@ -247,7 +265,7 @@ def build_plan(
     matched: tuple | None = None,
     casts: Mapping[str, tuple[torch.dtype, ...]] | None = None,
 ) -> StreamPlan:
-    """Match the model's tensors to checkpoint records and lay out every buffer.
+    """Match the model's tensors to their sources in the checkpoint and lay out every buffer.
 
     ``resident`` (block indices) overrides the placement's choice of keep_gpu blocks;
     ``matched`` is match_tensors' result, when several plans are laid out for one model;
@@ -256,29 +274,29 @@ def build_plan(
 
     Raises:
         MissingTensorsError: model parameters on the meta device that no shard holds.
-        ShapeMismatchError: a record whose shape is not its parameter's.
+        ShapeMismatchError: a source whose shape is not its parameter's.
     """
     check_args(keep_gpu, placement, prefetch)
-    owners, buffer_names, kept_bytes = matched or match_tensors(model, records, block_paths)
+    owners, buffer_names, kept_bytes = matched or match_tensors(model, sources, block_paths)
     resident_idx = resident if resident is not None else choose_resident(len(block_paths), keep_gpu, placement)
 
     casts = casts or {}
 
-    def chain(r: TensorRecord) -> tuple[torch.dtype, ...]:
+    def chain(r: TensorSource) -> tuple[torch.dtype, ...]:
         if r.name in casts:
             return casts[r.name]
         target = family.target_dtype(r.name, r.dtype, dtype)
         return () if target == r.dtype else (target,)
 
-    def target(r: TensorRecord) -> torch.dtype:
+    def target(r: TensorSource) -> torch.dtype:
         steps = chain(r)
         return steps[-1] if steps else r.dtype
 
     def placements(names: list[str], cast: bool) -> tuple[list[TensorPlacement], int, int]:
-        recs = sorted((records[n] for n in names), key=lambda r: (str(r.file), r.offset))
+        recs = sorted((sources[n] for n in names), key=_file_order)
         offsets, size = _layout(recs, device.type)
         cast_recs = [r for r in recs if chain(r)] if cast else []
-        cast_sizes = [r.nbytes // r.dtype.itemsize * target(r).itemsize for r in cast_recs]
+        cast_sizes = [r.numel * target(r).itemsize for r in cast_recs]
         cast_offsets, cast_size = _layout_sizes(cast_sizes, device.type)
         cast_at = {r.name: o for r, o in zip(cast_recs, cast_offsets)}
         out = [TensorPlacement(r.name, r, o, target(r), cast_at.get(r.name), chain(r)[:-1])
@@ -293,14 +311,14 @@ def build_plan(
         if resident:
             resident_names += names
         tensors, _, cast_size = placements(names, cast=not resident)
-        nbytes = sum(records[n].nbytes for n in names)
+        nbytes = sum(sources[n].nbytes for n in names)
         blocks.append(BlockPlan(i, path, resident, tuple(tensors), nbytes, 0 if resident else cast_size))
 
     # The resident arena holds final values: lay it out in target-dtype sizes.
-    res_recs = sorted((records[n] for n in resident_names), key=lambda r: (str(r.file), r.offset))
+    res_recs = sorted((sources[n] for n in resident_names), key=_file_order)
     res_targets = [target(r) for r in res_recs]
     if any(chain(r) for r in res_recs):
-        sizes = [r.nbytes // r.dtype.itemsize * t.itemsize for r, t in zip(res_recs, res_targets)]
+        sizes = [r.numel * t.itemsize for r, t in zip(res_recs, res_targets)]
         res_offsets, res_size = _layout_sizes(sizes, device.type)
     else:
         res_offsets, res_size = _layout(res_recs, device.type)
@@ -318,22 +336,25 @@ def build_plan(
         resident_tensors=resident,
         resident_bytes=res_size,
         kept_bytes=kept_bytes,
-        checkpoint_buffers=tuple(records[n] for n in buffer_names),
-        slot_bytes=max((_layout([t.record for t in b.tensors], device.type)[1] for b in streamed), default=0),
+        checkpoint_buffers=tuple(sources[n] for n in buffer_names),
+        slot_bytes=max((_layout([t.source for t in b.tensors], device.type)[1] for b in streamed), default=0),
         scratch_bytes=max((b.cast_bytes for b in streamed), default=0),
+        param_bytes=sum(sources[n].nbytes for names in owners.values() for n in names),
     )
 
 
 def match_tensors(
-    model: nn.Module, records: Mapping[str, TensorRecord], block_paths: Sequence[str]
+    model: nn.Module, sources: Mapping[str, TensorSource], block_paths: Sequence[str]
 ) -> tuple[dict[str | None, list[str]], list[str], int]:
-    """Checkpoint names of parameters grouped by the block that owns them (None: outside
-    every block); checkpoint names of buffers (always resident, loaded in place); and the
+    """Source names of parameters grouped by the block that owns them (None: outside
+    every block); source names of buffers (always resident, loaded in place); and the
     bytes of the tensors moved to the device as they are (buffers, parameters the
     checkpoint lacks such as adapters added later).
 
-    A tensor shared under several names (tied weights) is loaded once, under the name the
-    checkpoint has; it belongs to a block only if every one of its names is inside it.
+    A tensor shared under several names (tied weights) is loaded once, under the name its
+    source has; it belongs to a block only if every one of its names is inside it.
+    ``sources.unused`` (a :class:`~lazystream.source.SourceMap`'s) joins the warning
+    about checkpoint tensors the model does not use.
     """
     aliases: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -344,7 +365,7 @@ def match_tensors(
     missing, used, buffers, kept_bytes = [], set(), [], 0
     for key, names in aliases.items():
         t = tensors[key]
-        stored = next((n for n in names if n in records), None)
+        stored = next((n for n in names if n in sources), None)
         if not isinstance(t, nn.Parameter) or stored is None:
             kept_bytes += _round_up(t.nbytes, GRANULE)  # moved to the device as it is
         if stored is None:
@@ -352,10 +373,11 @@ def match_tensors(
                 missing.append(names[0])
             continue
         used.update(names)
-        rec = records[stored]
+        rec = sources[stored]
         if tuple(t.shape) != rec.shape:
+            made_of = "" if rec.stored == (stored,) else f" (made of {', '.join(rec.stored[:4])})"
             raise ShapeMismatchError(
-                f"{rec.file}: tensor {stored!r} has shape {list(rec.shape)}, but the model's "
+                f"{rec.file}: tensor {stored!r}{made_of} has shape {list(rec.shape)}, but the model's "
                 f"{type(model).__name__} expects {list(t.shape)}; the config and weights do not match",
                 path=rec.file,
                 tensor=stored,
@@ -371,7 +393,7 @@ def match_tensors(
             + "; the checkpoint is incomplete or for another model",
             tensor=missing[0],
         )
-    unexpected = sorted(set(records) - used)
+    unexpected = sorted(set(sources) - used) + sorted(getattr(sources, "unused", ()))
     if unexpected:
         warnings.warn(
             f"{len(unexpected)} checkpoint tensor(s) are not used by {type(model).__name__}: {unexpected[:10]}",
@@ -387,15 +409,31 @@ def _owning_block(names: list[str], block_paths: Sequence[str]) -> str | None:
     return None
 
 
-def _layout(records: Sequence[TensorRecord], device_type: str) -> tuple[list[int], int]:
-    """Offsets for ``records`` (in file order) aligned as the library's loader aligns
-    them on ``device_type`` (see MAP_ALIGN); the buffer's size."""
+def _file_order(source: TensorSource) -> tuple[str, int]:
+    first = source.runs[0] if source.runs else None
+    return (str(first.file), first.offset) if first else ("", 0)
+
+
+def _follows(prev: TensorSource | None, source: TensorSource) -> bool:
+    """Whether ``source``, a view of one run, starts where ``prev``, one too, ends in the file."""
+    return (prev is not None and len(prev.runs) == 1 and len(source.runs) == 1 and not prev.fresh
+            and not source.fresh
+            and prev.runs[0].file == source.runs[0].file
+            and prev.runs[0].offset + prev.runs[0].nbytes == source.runs[0].offset)
+
+
+def _layout(sources: Sequence[TensorSource], device_type: str) -> tuple[list[int], int]:
+    """Offsets for ``sources`` (in file order) aligned as the library's loader aligns
+    them on ``device_type`` (see MAP_ALIGN); the buffer's size. A value the library
+    assembles (a stack, a concatenation) is a fresh allocation there: MAP_ALIGN-aligned."""
     offsets, end, prev = [], 0, None
-    for rec in records:
+    for rec in sources:
         if device_type == "cuda":
             end = _round_up(end, GRANULE)
-        elif not (prev is not None and prev.file == rec.file and prev.offset + prev.nbytes == rec.offset):
-            end = _round_up(end, MAP_ALIGN) + rec.offset % MAP_ALIGN
+        elif rec.fresh or not rec.runs:
+            end = _round_up(end, MAP_ALIGN)
+        elif not _follows(prev, rec):
+            end = _round_up(end, MAP_ALIGN) + rec.runs[0].offset % MAP_ALIGN
         if end % rec.dtype.itemsize:  # a misaligned file offset: a typed view needs alignment
             end = _round_up(end, MAP_ALIGN)
         offsets.append(end)

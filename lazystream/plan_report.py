@@ -20,33 +20,96 @@ if TYPE_CHECKING:
 
 def run(args: argparse.Namespace) -> int:
     """``lazystream plan`` with the arguments lazystream.cli parsed (sizes in bytes)."""
+    if args.config is not None or str(args.repo).endswith(".safetensors"):
+        return _print(args, *_single_file_plan(args), config=None)
     # The checkpoint is found before torch is imported: a wrong path, a pipeline without
     # --subfolder or an unreachable hub answer in a fraction of a second, not several.
     files, remote = _locate(args.repo, args.subfolder, args.revision)
 
     import torch
 
-    from .adapters import build_skeleton, model_class, require_config
-    from . import probe
-    from .io import IOConfig, ring_layout
-    from .model import checkpoint_dtype, make_model_plan, resolve_device
-    from .planner import PlanRequest
+    from .adapters import build_skeleton, default_dtype, library_of, model_class, require_config
+    from .model import make_model_plan, resolve_device
 
-    request = PlanRequest.of(args.keep_gpu, args.placement, args.prefetch, args.vram, args.activation_reserve)
     device = resolve_device(args.device)
     records, config, shard, ident = _headers(files, remote, args.repo, args.subfolder, args.revision)
     cls = model_class(require_config(config, Path(args.repo)), Path(args.repo) / "config.json")
-    dtype = getattr(torch, args.dtype) if args.dtype else checkpoint_dtype(records)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(library_of(cls), config, records)
     model = build_skeleton(cls, config, dtype)
-    plan, _ = make_model_plan(model, records, request, device=device, dtype=dtype, blocks=None, built_here=True,
-                              measure=True, checkpoint_id=ident, shard=shard)
+    plan, _ = make_model_plan(model, records, _request(args), device=device, dtype=dtype, blocks=None,
+                              built_here=True, measure=True, checkpoint_id=ident, shard=shard)
+    return _print(args, plan, cls.__name__, device, config=config)
+
+
+def _request(args: argparse.Namespace):
+    from .planner import PlanRequest
+
+    return PlanRequest.of(args.keep_gpu, args.placement, args.prefetch, args.vram, args.activation_reserve)
+
+
+def _single_file_plan(args: argparse.Namespace):
+    """The plan of a single-file checkpoint: its conversion traced from the header alone (a
+    local or cached file, else the hub's header by a range request)."""
+    import torch
+
+    from .model import checkpoint_id, make_model_plan, resolve_device
+    from .single_file import convert_single_file, open_single_file
+
+    request = _request(args)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    device = resolve_device(args.device)
+    local = Path(args.repo).expanduser().is_file()
+    try:
+        opened = open_single_file(args.repo, config=args.config, subfolder=args.subfolder, dtype=dtype,
+                                  revision=args.revision, local_files_only=not local)
+    except CheckpointNotFoundError:
+        if local or is_offline():
+            raise
+        records, ident = _remote_single_file(args.repo, args.revision)
+        opened = convert_single_file(records, origin=args.repo, config=args.config, subfolder=args.subfolder,
+                                     dtype=dtype)
+        plan, _ = make_model_plan(opened.model, records, request, device=device, dtype=opened.dtype, blocks=None,
+                                  built_here=True, measure=True, checkpoint_id=ident, shard=None,
+                                  sources=opened.sources, family=opened.family)
+        return plan, type(opened.model).__name__, device
+    with opened.checkpoint as ckpt:
+        plan, _ = make_model_plan(opened.model, ckpt, request, device=device, dtype=opened.dtype, blocks=None,
+                                  built_here=True, measure=True, checkpoint_id=checkpoint_id(ckpt),
+                                  shard=ckpt.shard_paths[0], sources=opened.sources, family=opened.family)
+    return plan, type(opened.model).__name__, device
+
+
+def _remote_single_file(url: str, revision: str | None):
+    """The tensors of a hub single file (``https://huggingface.co/<repo>/blob/main/<file>``) from
+    its header, read by a range request."""
+    from huggingface_hub import parse_safetensors_file_metadata
+
+    from .header import DTYPES, TensorRecord
+    from .resolve import hub_file
+
+    repo, filename = hub_file(url)
+    with hub_errors(repo, revision):
+        meta = parse_safetensors_file_metadata(repo, filename, revision=revision)
+    records = {name: TensorRecord(name=name, file=Path(filename), offset=info.data_offsets[0],
+                                  nbytes=info.data_offsets[1] - info.data_offsets[0], dtype=DTYPES[info.dtype],
+                                  shape=tuple(info.shape))
+               for name, info in meta.tensors.items()}
+    return records, f"hub:{repo}@{revision or 'main'}/{filename}"
+
+
+def _print(args: argparse.Namespace, plan: StreamPlan, class_name: str, device, *, config: dict | None) -> int:
+    from . import probe
+    from .io import IOConfig, ring_layout
+
     staging = 0
     if device.type == "cuda":  # the ring the loader would allocate for this plan's slots
         staging = ring_layout(IOConfig(), plan.slot_bytes, h2d=probe.bandwidth(device).h2d).nbytes
+    moe = routed_experts(plan, config)
     if args.json:
-        print(json.dumps({**plan.summary(), "model_class": cls.__name__, "host_staging_bytes": staging}, indent=1))
+        print(json.dumps({**plan.summary(), "model_class": class_name, "host_staging_bytes": staging, "moe": moe},
+                         indent=1))
     else:
-        print(render(plan, cls.__name__, staging))
+        print(render(plan, class_name, staging, moe))
     over = over_budget(plan, args.vram, args.activation_reserve)
     if over:
         print(f"lazystream plan: warning: {over}", file=sys.stderr)
@@ -69,13 +132,31 @@ def over_budget(plan: StreamPlan, vram: int | None, activation_reserve: int | No
             + " (or --keep-gpu auto chooses within --vram)")
 
 
-def render(plan: StreamPlan, class_name: str, staging: int) -> str:
+def routed_experts(plan: StreamPlan, config: dict | None) -> dict | None:
+    """For a MoE model: the expert bytes among those streamed per call, and what streaming
+    only the experts a decode step routes to would stream (lazystream streams whole blocks)."""
+    config = config or {}
+    experts = config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts")
+    top_k = config.get("num_experts_per_tok")
+    expert_bytes = sum(t.source.nbytes for b in plan.streamed for t in b.tensors if ".experts." in f".{t.name}")
+    if not (experts and top_k and expert_bytes):
+        return None
+    return {"experts": experts, "top_k": top_k, "expert_bytes_per_call": expert_bytes,
+            "routed_only_bytes_per_token": plan.streamed_bytes - expert_bytes + expert_bytes * top_k // experts}
+
+
+def render(plan: StreamPlan, class_name: str, staging: int, moe: dict | None = None) -> str:
     mib = 2**20
     width = max(len(b.path) for b in plan.blocks) if plan.blocks else 5
     lines = [f"{class_name}: {len(plan.blocks)} blocks", f"  {'block':<{width}}  {'MiB':>8}  where"]
     lines += [f"  {b.path:<{width}}  {b.nbytes / mib:>8.1f}  {'resident' if b.resident else 'streamed'}"
               for b in plan.blocks]
     lines.append(str(plan))
+    if moe:
+        lines.append(f"  MoE: experts are {moe['expert_bytes_per_call'] / mib:.1f} of the {plan.streamed_bytes / mib:.1f} "
+                     f"MiB streamed per call; a decode step routes each token to {moe['top_k']} of {moe['experts']} "
+                     f"experts: streaming only those (not built) would stream "
+                     f"{moe['routed_only_bytes_per_token'] / mib:.1f} MiB per token")
     host = (f"  host: {staging / mib:.0f} MiB pinned staging; streamed shards are read through the page cache"
             if staging else "  host: the device is the host here: device memory above is host memory")
     lines.append(host)

@@ -14,7 +14,7 @@ from torch import nn
 from . import cost
 from .adapters import ModelFamily
 from .errors import DeviceMemoryError
-from .header import TensorRecord
+from .source import TensorSource
 from .plan import Budget, Prediction, StreamPlan, build_plan, check_args, match_tensors
 from .probe import Bandwidth, Calibration
 
@@ -158,16 +158,16 @@ def make_plan(
     )
 
 
-def plan_builder(model: nn.Module, records: Mapping[str, TensorRecord], block_paths: Sequence[str], *,
+def plan_builder(model: nn.Module, sources: Mapping[str, TensorSource], block_paths: Sequence[str], *,
                  dtype: torch.dtype, family: ModelFamily, device: torch.device) -> Callable[..., StreamPlan]:
-    matched = match_tensors(model, records, block_paths)  # once: it warns of unused tensors
+    matched = match_tensors(model, sources, block_paths)  # once: it warns of unused tensors
 
     def build(*, keep_gpu: int, placement: str, prefetch: int, resident: set[int] | None = None,
               on: torch.device = device, casts: Mapping[str, tuple[torch.dtype, ...]] | None = None,
               default: torch.dtype = dtype) -> StreamPlan:
         """One layout; ``on``, ``casts`` and ``default`` re-plan after a ``.to()`` of the model
         (the tensors stay matched as they were at load, whatever modules were added since)."""
-        return build_plan(model, records, block_paths, keep_gpu=keep_gpu, placement=placement, prefetch=prefetch,
+        return build_plan(model, sources, block_paths, keep_gpu=keep_gpu, placement=placement, prefetch=prefetch,
                           dtype=default, family=family, device=on, resident=resident, matched=matched, casts=casts)
 
     return build

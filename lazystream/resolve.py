@@ -324,3 +324,89 @@ def _shard_names(index_path: Path) -> list[str]:
     from .checkpoint import read_index
 
     return sorted(set(read_index(index_path).values()))
+
+
+# -- single-file checkpoints ----------------------------------------------------------
+
+_HUB_URL_PREFIXES = ("https://huggingface.co/", "huggingface.co/", "hf.co/", "https://hf.co/")
+
+
+@dataclass(frozen=True)
+class SingleWeightsFile(WeightFiles):
+    """One weights file on its own (a single-file checkpoint): any config.json beside it
+    belongs to something else; the model's config is resolved separately."""
+
+    @property
+    def config(self) -> Path | None:
+        return None
+
+
+def resolve_single_file(
+    path_or_url: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> SingleWeightsFile:
+    """Locate one safetensors file: a local path, or a file of a hub repo named as
+    diffusers' ``from_single_file`` names it (``https://huggingface.co/<repo>/blob/main/<file>``),
+    taken from the Hugging Face cache when offline.
+
+    Raises:
+        CheckpointNotFoundError: no such file, or not in the cache while offline.
+        UnsupportedFormatError: a pickle checkpoint (``.ckpt``, ``.pt``, ``.bin``).
+    """
+    text = os.fspath(path_or_url)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        path = _hub_single_file(text, revision, cache_dir, token, local_files_only)
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise UnsupportedFormatError(
+            f"{path} is a PyTorch pickle checkpoint; lazystream reads safetensors, which can be memory-mapped "
+            "safely. Convert it once (load it with the library's from_single_file and save_pretrained it)",
+            path=path,
+        )
+    return SingleWeightsFile(path.parent, None, path)
+
+
+def hub_file(text: str) -> tuple[str, str]:
+    """(repo id, file name) of a Hugging Face file URL as diffusers' from_single_file reads
+    it: ``https://huggingface.co/<owner>/<repo>/blob/<revision>/<file>``.
+
+    Raises:
+        CheckpointNotFoundError: ``text`` is not such a URL.
+    """
+    import re
+
+    rest = text
+    for prefix in _HUB_URL_PREFIXES:
+        rest = rest.replace(prefix, "")
+    match = re.fullmatch(r"([^/]+)/([^/]+)/(?:blob/[^/]+/)?(.+)", rest) if rest != text else None
+    if match is None:
+        raise CheckpointNotFoundError(
+            f"{text!r} is neither a file nor a Hugging Face file URL such as "
+            "'https://huggingface.co/<owner>/<repo>/blob/main/<file>.safetensors'",
+            path=text,
+        )
+    return f"{match.group(1)}/{match.group(2)}", match.group(3)
+
+
+def _hub_single_file(text: str, revision, cache_dir, token, local_files_only) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, filename = hub_file(text)
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
+                                    local_files_only=is_offline(local_files_only)))
+    except LocalEntryNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{filename} of Hugging Face repo {repo_id!r} is not in the Hugging Face cache"
+            + (f" at {cache_dir}" if cache_dir else "")
+            + " while offline (HF_HUB_OFFLINE or local_files_only); download it first or go online",
+            path=text,
+        ) from None
+    except HfHubHTTPError as exc:
+        raise CheckpointNotFoundError(f"{filename} of Hugging Face repo {repo_id!r} could not be fetched: {exc}",
+                                      path=text) from exc

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, CopyRun, coalesce
+from .checkpoint import Checkpoint, CopyRun, copy_runs, read_value
 from .devices import device_ops
 from .errors import ClosedError, DeviceMemoryError, UnsupportedOperationError
 from .io import IOConfig, Loader, Ticket
@@ -230,9 +230,9 @@ class Streamer:
         aliases = _aliases(self.model)
         weights = {}
         for name, t in self._placements(plan).items():
-            source = WeightSource(name, functools.partial(_stored_value, self.ckpt, t.record), t.casts)
+            source = WeightSource(name, functools.partial(read_value, self.ckpt, t.source), t.casts)
             current = aliases[name][0][0]._parameters[aliases[name][0][1]]
-            weights[name] = CheckpointWeight(source, t.record.shape, t.dtype, self.device, current.requires_grad)
+            weights[name] = CheckpointWeight(source, t.source.shape, t.dtype, self.device, current.requires_grad)
             self._sources[name] = source
             for module, leaf in aliases[name]:
                 module._parameters[leaf] = weights[name]
@@ -241,9 +241,9 @@ class Streamer:
     def _fill_stored_buffers(self, plan: StreamPlan) -> None:
         """Buffers whose values the checkpoint holds get them once, on the host."""
         with _plain_tensors():
-            for rec in plan.checkpoint_buffers:
-                buffer = self.model.get_buffer(rec.name)
-                buffer.data = self.ckpt.view(rec).to(buffer.dtype, copy=True)
+            for src in plan.checkpoint_buffers:
+                buffer = self.model.get_buffer(src.name)
+                buffer.data = read_value(self.ckpt, src).to(buffer.dtype, copy=True)
 
     def _take_in_changes(self) -> None:
         """The model gained or lost modules or tensors (adapters, say): take them in."""
@@ -268,12 +268,12 @@ class Streamer:
         for slot in self._slots:
             slot.free_after = fresh
         direct = [t for t in plan.resident_tensors if not t.needs_cast]
-        ticket = self.loader.submit(coalesce((t.record, t.offset) for t in direct), self._arena, after=fresh)
+        ticket = self.loader.submit(copy_runs(direct), self._arena, after=fresh)
         self._load_casts([t for t in plan.resident_tensors if t.needs_cast])
         ticket.wait()
         ops.compute_waits_for(ticket.ready)
         for t in plan.resident_tensors:
-            value = _view(self._arena, t.offset, t.dtype, t.record.shape)
+            value = _view(self._arena, t.offset, t.dtype, t.source.shape)
             self._resident.params[t.name] = nn.Parameter(value, self.tensors.weights[t.name].requires_grad)
             self._sources[t.name].bound = value
         self.tensors.move_kept(self.device)
@@ -284,20 +284,21 @@ class Streamer:
         """Read stored bytes into a bounded temporary buffer and convert them into the
         arena, on the device, CAST_CHUNK_BYTES at a time (a large tensor in pieces)."""
         for pieces in _cast_pieces(tensors, CAST_CHUNK_BYTES):
-            runs, end = [], 0
+            runs, begins, end = [], [], 0
             for t, start, count in pieces:
-                size = t.record.dtype.itemsize
-                runs.append(CopyRun(t.record.file, t.record.offset + start * size, end, count * size))
+                size = t.source.dtype.itemsize
+                runs += [CopyRun(r.file, r.offset, end + r.dest, r.nbytes)
+                         for r in t.source.within(start * size, (start + count) * size)]
+                begins.append(end)
                 end = _round_up(end + count * size, MAP_ALIGN)
             raw = self.ops.empty(end)
             ticket = self.loader.submit(runs, raw, after=self.ops.compute_done())
             ticket.wait()
             self.ops.compute_waits_for(ticket.ready)
-            for (t, start, count), run in zip(pieces, runs):
-                numel = t.record.nbytes // t.record.dtype.itemsize
-                target = _view(self._arena, t.offset, t.dtype, (numel,))[start:start + count]
-                stored = raw[run.dest_offset:run.dest_offset + run.nbytes].view(t.record.dtype)
-                target.copy_(apply_casts(stored, t.via))
+            for (t, start, count), begin in zip(pieces, begins):
+                size = t.source.dtype.itemsize
+                target = _view(self._arena, t.offset, t.dtype, (t.source.numel,))[start:start + count]
+                target.copy_(apply_casts(raw[begin:begin + count * size].view(t.source.dtype), t.via))
 
     def _replace_plan(self, plan: StreamPlan) -> None:
         """Switch to ``plan`` (same model and checkpoint): free, re-lay, load again."""
@@ -660,9 +661,9 @@ class Streamer:
     def _make_views(self, block: BlockPlan, buffer: torch.Tensor):
         params, casts = {}, []
         for t in block.tensors:
-            raw = _view(buffer, t.offset, t.record.dtype, t.record.shape)
+            raw = _view(buffer, t.offset, t.source.dtype, t.source.shape)
             if t.needs_cast:
-                target = _view(self._scratch, t.cast_offset, t.dtype, t.record.shape)
+                target = _view(self._scratch, t.cast_offset, t.dtype, t.source.shape)
                 casts.append((target, raw, t.via))
                 raw = target
             params[t.name] = nn.Parameter(raw, self.tensors.weights[t.name].requires_grad)
@@ -693,12 +694,8 @@ def _release(resources: _Resources) -> None:
         resources.ckpt.close()
 
 
-def _stored_value(ckpt: Checkpoint, record) -> torch.Tensor:
-    return ckpt.view(record)
-
-
 def _block_runs(plan: StreamPlan) -> dict[int, list[CopyRun]]:
-    return {b.index: coalesce((t.record, t.offset) for t in b.tensors) for b in plan.streamed}
+    return {b.index: copy_runs(b.tensors) for b in plan.streamed}
 
 
 def _bind_index(hook, index: int):
@@ -732,8 +729,8 @@ def _cast_pieces(tensors: list[TensorPlacement], limit: int) -> Iterator[list[tu
     """Groups of (tensor, first element, element count) of at most ``limit`` stored bytes."""
     group, size = [], 0
     for t in tensors:
-        itemsize = t.record.dtype.itemsize
-        numel = t.record.nbytes // itemsize
+        itemsize = t.source.dtype.itemsize
+        numel = t.source.numel
         start = 0
         while start < numel:
             if size + itemsize > limit and group:

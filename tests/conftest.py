@@ -38,3 +38,14 @@ def qwen3_with_logits(folder, seq_len: int, seed: int):
     with torch.no_grad():
         logits = Qwen3ForCausalLM.from_pretrained(path).eval()(ids).logits
     return path, ids, logits
+
+
+def keeps_holes(folder) -> bool:
+    """Whether files in ``folder`` stay sparse: a header-only checkpoint of real size then
+    takes no disk space."""
+    probe = folder / "sparse-probe"
+    with open(probe, "wb") as f:
+        f.truncate(2**24)
+    sparse = probe.stat().st_blocks * 512 < 2**20
+    probe.unlink()
+    return sparse

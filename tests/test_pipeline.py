@@ -116,7 +116,7 @@ def test_session_spans_the_denoising_loop_and_wastes_no_prefetch(zimage_pipeline
     pipe = load(path, {"transformer": 0, "text_encoder": 0}, prefetch=2, io=IOConfig(threaded=False))
     streamer = streamer_of(pipe.transformer)
     plan = streamer.plan
-    resident = sum(t.record.nbytes for t in plan.resident_tensors)
+    resident = sum(t.source.nbytes for t in plan.resident_tensors)
     first_two = sum(b.nbytes for b in plan.streamed[:2])
     read_after_call: list[int] = []
     pipe.transformer.register_forward_hook(lambda *_: read_after_call.append(streamer.stats().bytes_read))

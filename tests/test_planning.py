@@ -88,13 +88,14 @@ def test_parse_bytes_refuses(bad):
 def _builder(path):
     from lazystream.adapters import build_skeleton, family_of, model_class
     from lazystream.checkpoint import Checkpoint
+    from lazystream.conversions import sources_for
     from lazystream.planner import plan_builder
 
     ckpt = Checkpoint.open(path)
     model = build_skeleton(model_class(ckpt.config, path), ckpt.config, torch.float32)
     from lazystream.adapters import find_blocks
 
-    return plan_builder(model, ckpt, find_blocks(model), dtype=torch.float32,
+    return plan_builder(model, sources_for(model, ckpt), find_blocks(model), dtype=torch.float32,
                         family=family_of(model, torch.float32), device=torch.device("cpu")), ckpt
 
 

@@ -105,9 +105,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _resolve_size(family: str, size: str | Mapping[str, Any]) -> dict[str, Any]:
-    """The preset named ``size``, or ``size`` merged onto the "tiny" preset (deep copies)."""
-    presets = SIZES[family]
+def _resolve_size(family: str, size: str | Mapping[str, Any],
+                  presets: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The preset named ``size`` (of ``presets``, default ``SIZES[family]``), or ``size``
+    merged onto the "tiny" preset (deep copies)."""
+    presets = presets if presets is not None else SIZES[family]
     if isinstance(size, str):
         if size not in presets:
             raise ValueError(f"unknown {family} size {size!r}; expected one of {sorted(presets)} or a dict")
@@ -150,7 +152,7 @@ def zimage_inputs(
     return x, torch.rand(len(sizes), generator=generator), cap_feats
 
 
-def _fill_random(model: torch.nn.Module, dtype: torch.dtype, seed: int) -> int:
+def fill_random_weights(model: torch.nn.Module, dtype: torch.dtype, seed: int) -> int:
     """Replace every parameter with seeded random values in ``dtype``, keeping tied ones tied.
 
     Weights, biases and embeddings ~ N(0, 0.02); weights of norm modules ~ N(1, 0.02).
@@ -193,7 +195,7 @@ def _fill_and_save(
         for file in stale:
             file.unlink()
     report(f"{name}: filling parameters with seeded random values (seed={seed}, {dtype})")
-    numel = _fill_random(model, dtype, seed)
+    numel = fill_random_weights(model, dtype, seed)
     report(f"{name}: {numel / 1e6:.2f}M parameters, {numel * dtype.itemsize / 2**20:,.1f} MiB; saving to {path}")
     model.save_pretrained(out, **save_kwargs)
     shards = sorted(out.glob("*.safetensors"))
@@ -358,7 +360,7 @@ def build_zimage_pipeline(
             use_post_quant_conv=False,
         )
     for offset, (name, model) in enumerate((("text_encoder", text_encoder), ("transformer", transformer), ("vae", vae))):
-        numel = _fill_random(model, dtype, seed + offset)
+        numel = fill_random_weights(model, dtype, seed + offset)
         report(f"{name}: {numel / 1e6:.2f}M parameters, {numel * dtype.itemsize / 2**20:,.1f} MiB")
     pipe = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
