@@ -160,3 +160,14 @@ class UnsupportedOperationError(LazyStreamError, RuntimeError):
 class ReadOnlyWeightError(UnsupportedOperationError):
     """An in-place write to a weight lazystream reloads from the checkpoint (a fused LoRA,
     ``load_state_dict`` into the model, a write to ``param.data``)."""
+
+
+# -- moving bytes -----------------------------------------------------------------------
+
+
+class StagingMemoryError(LazyStreamError, MemoryError):
+    """The host staging ring (pinned memory on CUDA) could not be allocated."""
+
+
+class HostRegisterError(LazyStreamError, RuntimeError):
+    """``IOConfig(mode="register")`` could not page-lock a shard mapping for the device."""

@@ -126,7 +126,8 @@ def _remote_single_file(url: str, revision: str | None):
 def _print(args: argparse.Namespace, plan: StreamPlan, class_name: str, device, *, config: dict | None) -> int:
     import dataclasses
 
-    from .io import IOConfig
+    from . import probe
+    from .io import IOConfig, ring_layout
 
     adapters = _adapters(args)
     budget = plan.budget
@@ -134,7 +135,9 @@ def _print(args: argparse.Namespace, plan: StreamPlan, class_name: str, device, 
         budget = dataclasses.replace(budget, device_bytes=budget.device_bytes + adapters,
                                      source=f"{budget.source}; adapters (--lora) held back")
     plan = dataclasses.replace(plan, kept_bytes=plan.kept_bytes + adapters, adapter_bytes=adapters, budget=budget)
-    staging = IOConfig().staging_bytes * IOConfig().staging_buffers if device.type == "cuda" else 0
+    staging = 0
+    if device.type == "cuda":  # the ring the loader would allocate for this plan's slots
+        staging = ring_layout(IOConfig(), plan.slot_bytes, h2d=probe.bandwidth(device).h2d).nbytes
     moe = routed_experts(plan, config)
     if args.json:
         print(json.dumps({**plan.summary(), "model_class": class_name, "host_staging_bytes": staging, "moe": moe},

@@ -2,7 +2,7 @@
 
 The probe measures what bounds streaming: host memcpy from the page cache (what a
 read of a cached shard costs), storage reads, and on CUDA pinned host-to-device
-copies. A calibration is one real call of the model with every block timed; it is
+copies (timed with events on the device). A calibration is one real call of the model with every block timed; it is
 cached per machine, checkpoint, dtype and device.
 """
 
@@ -70,17 +70,29 @@ def measure_bandwidth(device: torch.device, shard: Path | None = None) -> Bandwi
         size = min(shard.stat().st_size, PROBE_BYTES)
         mapped = torch.from_numpy(np.memmap(shard, dtype=np.uint8, mode="c", shape=(size,)))
         read = _median_rate(lambda: dst[:size].copy_(mapped), size, repeat=3)
-    h2d = None
-    if device.type == "cuda":
-        pinned = src.pin_memory()
-        on_device = torch.empty(PROBE_BYTES, dtype=torch.uint8, device=device)
-
-        def copy() -> None:
-            on_device.copy_(pinned, non_blocking=True)
-            torch.cuda.synchronize(device)  # a probe, not the hot path: time the whole copy
-
-        h2d = _median_rate(copy, PROBE_BYTES)
+    h2d = PROBE_BYTES / statistics.median(h2d_seconds(device, PROBE_BYTES)) if device.type == "cuda" else None
     return Bandwidth(memcpy=memcpy, read=read, h2d=h2d)
+
+
+def h2d_seconds(device: torch.device, nbytes: int, repeat: int = 5) -> list[float]:
+    """Device seconds of ``repeat`` copies of one pinned host buffer of ``nbytes`` into
+    device memory (after one warm-up), each timed by events on a stream of its own around
+    the copy: the copy engine's time, not the host's."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    seconds = []
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        for i in range(repeat + 1):
+            start = torch.cuda.Event(enable_timing=True, blocking=True)
+            end = torch.cuda.Event(enable_timing=True, blocking=True)
+            start.record(stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(stream)
+            end.synchronize()
+            if i:
+                seconds.append(start.elapsed_time(end) / 1e3)
+    return seconds
 
 
 def bandwidth(device: torch.device, shard: Path | None = None, *, refresh: bool = False) -> Bandwidth:

@@ -264,6 +264,7 @@ class Streamer:
         # The allocator can hand out memory whose last reader is still queued on the compute
         # stream; without this marker the copy stream could overwrite it under that reader.
         fresh = ops.compute_done()
+        self.loader.allocate(plan.slot_bytes)  # the staging ring, so its failure surfaces here
         for slot in self._slots:
             slot.free_after = fresh
         direct = [t for t in plan.resident_tensors if not t.needs_cast]
@@ -337,6 +338,7 @@ class Streamer:
 
     def _free(self) -> None:
         self.loader.drain()  # no copy may still be writing into a buffer dropped below
+        self.ops.wait_compute_idle()  # nor a forward on any stream still reading one
         if not self._loaded and self._arena is None:
             return
         for name in self._resident.params:
@@ -453,6 +455,7 @@ class Streamer:
             self._owner = threading.get_ident()
             self._depth += 1
             if self._depth == 1:
+                self.ops.note_compute_stream()
                 self._begin_call()
         except BaseException:
             self._depth -= 1
@@ -537,7 +540,7 @@ class Streamer:
             self._learned = True
         if self._timer is not None:
             timer, self._timer = self._timer, None
-            calibration = timer.finish(call.stall_seconds)
+            calibration = timer.finish()
             if completed:  # a call that failed part-way times only part of the blocks
                 on_calibrated, self._on_calibrated = self._on_calibrated, None
                 plan = on_calibrated(calibration)
@@ -577,11 +580,7 @@ class Streamer:
         if not self._learned:
             self._observed.append(index)
         call = self._call if self._call is not None else CallStats()
-        call.bytes_streamed += self.plan.blocks[index].nbytes
-        call.blocks_streamed += 1
-        call.stalls += stalled
-        call.stall_seconds += waited
-        call.copy_seconds += slot.ticket.seconds
+        call.add_block(self.plan.blocks[index].nbytes, on_demand=stalled, waited=waited, ticket=slot.ticket)
         self._prefetch()
 
     def _post_block(self, index: int, module: nn.Module, args: tuple, output: object) -> None:

@@ -1,32 +1,86 @@
-"""Counters of what streaming cost: bytes, blocks, stalls, copy time."""
+"""Counters of what streaming cost: bytes, blocks, exposed stalls, fill and device copy
+rates; host memory; per-block compute times for the calibration call."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+_SUMMED = ("bytes_streamed", "blocks_streamed", "on_demand_loads", "stall_seconds", "fill_bytes", "fill_seconds",
+           "h2d_bytes", "h2d_seconds", "seconds")
 
 
 @dataclass
 class CallStats:
-    """What one call (or, summed, every call) of the model streamed and waited for."""
+    """What one call (or, summed, every call) of the model streamed and waited for.
+
+    Three separate figures, so that a slow stage can be told from another:
+    ``stall_seconds`` is the exposed stall (host time the blocks' forwards waited for
+    their bytes); ``fill_gb_per_s`` the rate of the host reading those bytes into
+    staging; ``h2d_gb_per_s`` the rate of the device copies themselves, timed by events
+    on the copy stream (on the CPU device: the copy into the slot, timed on the host).
+    """
 
     bytes_streamed: int = 0  # bytes of the streamed blocks bound during the call
     blocks_streamed: int = 0
-    stalls: int = 0  # blocks that had not been prefetched and were loaded on demand
-    stall_seconds: float = 0.0  # host time a block's forward waited for its bytes
-    copy_seconds: float = 0.0  # worker time spent copying those blocks' bytes
+    on_demand_loads: int = 0  # blocks that had not been prefetched, loaded when their forward began
+    stall_seconds: float = 0.0  # host time the blocks' forwards waited for their bytes
+    fill_bytes: int = 0  # bytes read into staging (0 where nothing is staged)
+    fill_seconds: float = 0.0  # wall time some reader thread was filling them
+    h2d_bytes: int = 0  # bytes whose device copies have been timed
+    h2d_seconds: float = 0.0  # device time of those copies (the copy engine busy)
     seconds: float = 0.0  # wall time of the call
+    _pending: list = field(default_factory=list, repr=False, compare=False)  # tickets not yet timed
 
     @property
-    def gb_per_s(self) -> float:
-        """Achieved copy bandwidth (GB/s, 1e9 bytes) of the streamed bytes."""
-        return self.bytes_streamed / self.copy_seconds / 1e9 if self.copy_seconds else 0.0
+    def stalls(self) -> int:
+        """The older name of ``on_demand_loads``."""
+        return self.on_demand_loads
+
+    @property
+    def h2d_gb_per_s(self) -> float:
+        """Device copy bandwidth (GB/s, 1e9 bytes) while copying, from copy-stream events."""
+        return self.h2d_bytes / self.h2d_seconds / 1e9 if self.h2d_seconds else 0.0
+
+    @property
+    def fill_gb_per_s(self) -> float:
+        """Host read bandwidth into staging (GB/s) while some reader was filling."""
+        return self.fill_bytes / self.fill_seconds / 1e9 if self.fill_seconds else 0.0
+
+    def add_block(self, nbytes: int, *, on_demand: bool, waited: float, ticket) -> None:
+        """Count one streamed block bound for a forward: ``waited`` seconds on the host for
+        its bytes, which ``ticket`` (a lazystream.io.Ticket) brought."""
+        self.bytes_streamed += nbytes
+        self.blocks_streamed += 1
+        self.on_demand_loads += on_demand
+        self.stall_seconds += waited
+        self.fill_bytes += ticket.fill_bytes
+        self.fill_seconds += ticket.fill_seconds
+        self._pending.append(ticket)
+        self.settle(wait=False)
+
+    def settle(self, *, wait: bool) -> None:
+        """Add the device copy times of the blocks whose copies have finished (all of them,
+        waiting on the host, with ``wait``). Never waits in the hot path: only stats() does."""
+        pending = []
+        for ticket in self._pending:
+            timed = ticket.copy_time(wait=wait)
+            if timed is None:
+                pending.append(ticket)
+            else:
+                self.h2d_bytes += timed[0]
+                self.h2d_seconds += timed[1]
+        self._pending = pending
 
     def add(self, other: CallStats) -> None:
-        for name in ("bytes_streamed", "blocks_streamed", "stalls", "stall_seconds", "copy_seconds", "seconds"):
+        for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self._pending += other._pending  # each ticket caches its time: timing it twice is free
+        self.settle(wait=False)
 
     def copy(self) -> CallStats:
-        return replace(self)
+        """A snapshot with every device copy timed (waits for the copies still running)."""
+        self.settle(wait=True)
+        return replace(self, _pending=[])
 
 
 @dataclass(frozen=True)
@@ -51,13 +105,17 @@ class Stats:
         mib, t, c = 2**20, self.total, self.last_call
         return "\n".join([
             f"calls {self.calls}; last call: {c.bytes_streamed / mib:.1f} MiB in {c.blocks_streamed} blocks, "
-            f"{c.stalls} stalls ({c.stall_seconds * 1e3:.1f} ms), copy {c.gb_per_s:.2f} GB/s, {c.seconds * 1e3:.1f} ms",
-            f"total: {t.bytes_streamed / mib:.1f} MiB streamed, {t.stalls} stalls ({t.stall_seconds:.3f} s), "
-            f"copy {t.gb_per_s:.2f} GB/s",
+            f"{_rates(c)}, {c.seconds * 1e3:.1f} ms",
+            f"total: {t.bytes_streamed / mib:.1f} MiB streamed, {_rates(t)}",
             f"device {self.device_bytes / mib:.1f} MiB = resident {self.resident_bytes / mib:.1f} + buffers "
             f"{self.kept_bytes / mib:.1f} + slots {self.slot_bytes / mib:.1f} + scratch {self.scratch_bytes / mib:.1f}; "
             f"host staging {self.staging_bytes / mib:.1f} MiB",
         ])
+
+
+def _rates(c: CallStats) -> str:
+    return (f"waited {c.stall_seconds * 1e3:.1f} ms for bytes (on-demand loads {c.on_demand_loads}), "
+            f"device copy {c.h2d_gb_per_s:.2f} GB/s, fill {c.fill_gb_per_s:.2f} GB/s")
 
 
 def rss_anon() -> int:
@@ -108,47 +166,55 @@ class PeakRssAnon:
 
 
 class BlockTimer:
-    """Times one call of a model: each block's forward and the whole call, and on CUDA
-    the peak device memory its activations took. Used for the calibration call only."""
+    """Times one call of a model: each block's compute and the whole call, and on CUDA the
+    peak device memory its activations took. Used for the calibration call only.
+
+    Three marks per block: when its forward is entered (before any hook, so before the
+    streamer waits for the block's bytes), when its compute starts (after the streamer's
+    hook, and on CUDA after the compute stream's wait for the copy) and when it ends. A
+    block's compute is start to end; the time from entering to start is a stall, on the
+    host or on the device, and counts neither as the block's compute nor as the compute
+    outside the blocks. On CUDA the marks are events on the model device's current stream,
+    the stream the forward's kernels run on.
+    """
 
     def __init__(self, modules: list, device):
-        import time
-
         import torch
 
-        self._torch, self._time, self.device = torch, time, device
+        self._torch, self.device = torch, device
         self._cuda = device.type == "cuda"
-        self._marks: list[list] = [[None, None] for _ in modules]
+        self._marks: list[list] = [[None, None, None] for _ in modules]
         self._handles = []
         for i, module in enumerate(modules):
-            self._handles.append(module.register_forward_pre_hook(self._marker(i, 0)))
-            self._handles.append(module.register_forward_hook(self._marker(i, 1), always_call=True))
+            self._handles.append(module.register_forward_pre_hook(self._marker(i, 0), prepend=True))
+            self._handles.append(module.register_forward_pre_hook(self._marker(i, 1)))
+            self._handles.append(module.register_forward_hook(self._marker(i, 2), always_call=True))
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(device)  # calibration only: the peak of this call
             self._base = torch.cuda.memory_allocated(device)
         self._start = self._now()
 
     def _now(self):
-        if self._cuda:
-            event = self._torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return self._time.perf_counter()
+        from .devices import timing_mark
 
-    def _marker(self, index: int, end: int):
+        return timing_mark(self.device)
+
+    def _marker(self, index: int, which: int):
         def hook(*args):
-            if self._marks[index][end] is None:  # the first run of the block counts
-                self._marks[index][end] = self._now()
+            marks = self._marks[index]
+            if marks[which] is None and (which == 0 or marks[0] is not None):  # the first run counts
+                marks[which] = self._now()
         return hook
 
     def _seconds(self, start, end) -> float:
+        from .devices import elapsed_seconds
+
         if start is None or end is None:
             return 0.0
-        return start.elapsed_time(end) / 1e3 if self._cuda else end - start
+        return elapsed_seconds(start, end, wait=True)
 
-    def finish(self, waited_seconds: float):
-        """Remove the hooks; return a probe.Calibration. ``waited_seconds``: time the
-        call spent waiting for streamed bytes, which is not compute."""
+    def finish(self):
+        """Remove the hooks; return a probe.Calibration."""
         from .probe import Calibration
 
         end = self._now()
@@ -159,6 +225,7 @@ class BlockTimer:
             activation = self._torch.cuda.max_memory_allocated(self.device) - self._base
         else:
             activation = 0
-        blocks = tuple(self._seconds(s, e) for s, e in self._marks)
-        other = max(0.0, self._seconds(self._start, end) - sum(blocks) - waited_seconds)
+        blocks = tuple(self._seconds(start, stop) for _, start, stop in self._marks)
+        inside = sum(self._seconds(enter, stop) for enter, _, stop in self._marks)
+        other = max(0.0, self._seconds(self._start, end) - inside)
         return Calibration(block_compute=blocks, other_compute=other, activation_bytes=max(activation, 0))

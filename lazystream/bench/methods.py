@@ -24,11 +24,10 @@ from torch import nn
 
 from ..adapters import build_skeleton, find_blocks, model_class, require_config
 from ..checkpoint import Checkpoint
-from ..io import IOConfig
 from ..model import LazyStreamModel, checkpoint_dtype, streamer_of
 from ..telemetry import PeakRssAnon
 from .pagecache import cached_fraction, evict, unmap_pages
-from .runs import Run
+from .runs import IO_CONFIGS, Run
 
 RESULT_PREFIX = "LAZYSTREAM_BENCH_RESULT "
 REFERENCE_FILE = "resident-output.pt"
@@ -176,14 +175,15 @@ def load_resident(job: Job, layout: Layout, device: torch.device) -> Loaded:
 def load_lazystream(job: Job, layout: Layout, device: torch.device) -> Loaded:
     run = job.run
     model = LazyStreamModel.from_pretrained(job.checkpoint, run.keep, device=device, placement=run.placement,
-                                            io=IOConfig(mode=run.io))
+                                            io=IO_CONFIGS[run.io])
     streamer = streamer_of(model)
     ckpt = streamer.ckpt
 
     def stats() -> dict:
         s = streamer.stats()
-        return {"streamed_bytes": s.last_call.bytes_streamed, "copy_gb_per_s": s.last_call.gb_per_s,
-                "stall_s": s.last_call.stall_seconds, "stalls": s.last_call.stalls, "staging_bytes": s.staging_bytes,
+        c = s.last_call
+        return {"streamed_bytes": c.bytes_streamed, "h2d_gb_per_s": c.h2d_gb_per_s, "fill_gb_per_s": c.fill_gb_per_s,
+                "stall_s": c.stall_seconds, "on_demand_loads": c.on_demand_loads, "staging_bytes": s.staging_bytes,
                 "slot_bytes": s.slot_bytes}
 
     # Cold runs call without a session: its wrap-around prefetch would read the next

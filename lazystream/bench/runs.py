@@ -5,7 +5,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from ..io import IOConfig
+
 METHODS = ("resident", "lazystream", "group_offload", "cpu_offload", "device_map", "first_n_sequential")
+
+
+# lazystream's ``io`` settings by label. "staged" runs the staging ring on the CPU device
+# too (on CUDA it is what "mmap" does); "staged-1thread" is the ring this project had
+# before the multi-threaded one: one reader, two buffers of 64 MiB.
+IO_CONFIGS = {
+    "mmap": IOConfig(),
+    "direct": IOConfig(mode="direct"),
+    "register": IOConfig(mode="register"),
+    "staged": IOConfig(staged=True),
+    "staged-1thread": IOConfig(staged=True, read_threads=1, staging_buffers=2, staging_bytes=64 * 2**20),
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,7 @@ class Run:
     def needs_cuda(self) -> bool:
         """Whether the method means anything only with a separate device: on the CPU
         device, moving weights "to the device" is a no-op, and streams need CUDA."""
-        if self.method in ("cpu_offload", "first_n_sequential") or self.use_stream:
+        if self.method in ("cpu_offload", "first_n_sequential") or self.use_stream or self.io == "register":
             return True
         if self.method == "group_offload":
             return not self.disk
@@ -72,7 +86,9 @@ def plan_runs(n_blocks: int, *, cuda: bool, quick: bool = False) -> list[Run]:
     """Every run of a benchmark, resident first (its output is the reference).
 
     ``quick``: a smoke run (lazystream at 0 and 1/2 of the blocks, spread only; one run
-    of each peer that the device can run).
+    of each peer that the device can run). Besides the grid: lazystream at 0 with the
+    shard mappings registered (CUDA), with the staging ring on the CPU device, and with
+    the single-thread ring it replaced.
     """
     keeps = [0, n_blocks // 2] if quick else keep_fractions(n_blocks)
     placements = ("spread",) if quick else ("first", "spread")
@@ -82,6 +98,8 @@ def plan_runs(n_blocks: int, *, cuda: bool, quick: bool = False) -> list[Run]:
             for io in ("mmap", "direct"):
                 runs.append(Run("lazystream", keep=keep, placement=placement, io=io))
     runs += [Run("lazystream", keep=0, placement="spread", io=io, cold=True) for io in ("mmap", "direct")]
+    ring_variants = ("register", "staged-1thread") if cuda else ("staged", "staged-1thread")
+    runs += [Run("lazystream", keep=0, placement="spread", io=io) for io in ring_variants]
 
     partial = [k for k in keeps if 0 < k < n_blocks] or [0]
     runs += [Run("device_map", keep=k, offload="cpu") for k in partial]
