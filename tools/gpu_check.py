@@ -1,7 +1,7 @@
 """The GPU check: one prepared shot on the device machine, under 6 minutes on an H100/H200.
 
     python tools/gpu_check.py [--out DIR] [--full] [--device cuda|cpu] [--quick]
-                              [--run-timeout 90] [--pytest-timeout 180] [--only REGEX]
+                              [--run-timeout 90] [--pytest-timeout 240] [--only REGEX]
 
 Every result is written to DIR (default $OUT, else /tmp/gpu-check) the moment it is
 known, so a run killed at its time limit keeps everything before that point:
@@ -11,11 +11,11 @@ known, so a run killed at its time limit keeps everything before that point:
                    disk, the versions of torch, transformers, diffusers, accelerate
   results.jsonl    one JSON object per finished step: the CUDA tests, the checkpoint,
                    the probes, each run (flushed and fsynced line by line)
-  cuda_tests.log   pytest on tests/test_cuda.py, written as it runs
+  cuda_tests.log   pytest on the CUDA tests (CUDA_TESTS), written as it runs
   progress.log     what ran when
   bench.json, bench.md   the table, the floor and the targets, rewritten after every run
 
-Steps: pytest tests/test_cuda.py in the background (killed after --pytest-timeout)
+Steps: pytest of the CUDA tests in the background (killed after --pytest-timeout)
 while a bfloat16 Qwen3 at Qwen3-8B's layer dimensions (8 blocks of 386 MB, a 32000-token
 vocabulary, random weights, built there from lazystream.synthetic) is written; then the
 floor's probes; then each run in a process of its own, killed after --run-timeout:
@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CUDA_TESTS = ["tests/test_cuda.py", "tests/test_cuda_dropin.py"]
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing there reaches the network; never wait for it
 
@@ -163,9 +164,9 @@ def machine(work: Path, rec: Recorder) -> dict:
 
 def start_tests(args: argparse.Namespace, rec: Recorder) -> tuple[subprocess.Popen, object]:
     log = open(args.out / "cuda_tests.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"],
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    rec.log(f"pytest tests/test_cuda.py started (pid {proc.pid}, killed after {args.pytest_timeout:.0f} s)")
+    rec.log(f"pytest {' '.join(CUDA_TESTS)} started (pid {proc.pid}, killed after {args.pytest_timeout:.0f} s)")
     return proc, log
 
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="after the default runs, every other run of the bench")
     parser.add_argument("--only", help="only the runs whose label matches this regex (and resident)")
     parser.add_argument("--run-timeout", type=float, default=90, help="seconds one run may take")
-    parser.add_argument("--pytest-timeout", type=float, default=180, help="seconds the CUDA tests may take")
+    parser.add_argument("--pytest-timeout", type=float, default=240, help="seconds the CUDA tests may take")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lazystream-gpu-check",
                         help="folder for the checkpoint and scratch (on the disk the checkpoint is read from)")
     parser.add_argument("--calls", type=int, default=5)
