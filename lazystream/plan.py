@@ -127,6 +127,13 @@ class StreamPlan:
         return tuple(b for b in self.blocks if not b.resident)
 
     @property
+    def placements(self) -> dict[str, TensorPlacement]:
+        """Each checkpoint parameter's placement: in the arena if resident, else in its block."""
+        found = {t.name: t for b in self.streamed for t in b.tensors}
+        found.update((t.name, t) for t in self.resident_tensors)
+        return found
+
+    @property
     def slots(self) -> int:
         return min(self.prefetch, len(self.streamed))
 

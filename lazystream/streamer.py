@@ -16,46 +16,23 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .buffers import Bound, DeviceBuffers, Slot, out_of_memory
 from .checkpoint import Checkpoint, CopyRun, copy_runs, read_value
 from .devices import device_ops
-from .errors import ClosedError, DeviceMemoryError, UnsupportedOperationError
-from .io import IOConfig, Loader, Ticket
+from .errors import ClosedError, UnsupportedOperationError
+from .grads import GradGuard, refuse_backward
+from .io import IOConfig, Loader
 from .moves import probe
-from .plan import GRANULE, MAP_ALIGN, BlockPlan, StreamPlan, TensorPlacement, _round_up
+from .plan import GRANULE, StreamPlan, _round_up
 from .probe import Calibration
 from .telemetry import BlockTimer, CallStats, Stats
 from .tensors import ModelTensors
-from .weights import CheckpointWeight, WeightSource, apply_casts, refuse_write, set_metadata
-
-# Resident tensors that need a dtype conversion are loaded through a temporary buffer
-# of at most this many bytes (or one tensor, if larger), then converted on the device.
-CAST_CHUNK_BYTES = 64 * 2**20
-
-
-@dataclass
-class _Slot:
-    index: int
-    buffer: torch.Tensor
-    block: int | None = None  # block whose bytes are in the slot (or on their way)
-    ticket: Ticket | None = None
-    users: int = 0  # forwards of that block running now
-    free_after: object = None  # device marker: the last compute that read the slot
-
-
-@dataclass
-class _Bound:
-    """Tensors registered in place of their weights for a call: the resident set, or one
-    block's views of a slot. ``bindings`` say where, as of the model scan ``generation``."""
-
-    params: dict[str, nn.Parameter]
-    casts: list[tuple[torch.Tensor, torch.Tensor, tuple[torch.dtype, ...]]] = field(default_factory=list)
-    bindings: list = field(default_factory=list)
-    generation: int = -1
+from .weights import refuse_write
 
 
 @dataclass
@@ -90,9 +67,7 @@ class Streamer:
         self._finalizer = weakref.finalize(self, _release, self._resources)
         self._replan = replan
 
-        self._sources: dict[str, WeightSource] = {}
-        self.tensors = ModelTensors(model, self._make_weights(plan))
-        self._fill_stored_buffers(plan)
+        self.tensors = ModelTensors(model, plan, functools.partial(read_value, ckpt))
         self._runs = _block_runs(plan)
 
         self._exec_order = [b.index for b in plan.blocks]  # guessed; learned on the first call
@@ -105,13 +80,9 @@ class Streamer:
         self._wrapped = False
         self._in_session = False
 
-        self._arena: torch.Tensor | None = None
-        self._resident = _Bound({})  # the resident tensors, bound during calls
-        self._grad_refused: set[int] = set()
-        self._scratch: torch.Tensor | None = None
-        self._slots: list[_Slot] = []
-        self._bound: dict[int, _Slot] = {}
-        self._views: dict[tuple[int, int], _Bound] = {}  # (slot, block) -> the block's views of the slot
+        self._buffers: DeviceBuffers | None = None  # while loaded
+        self._bound: dict[int, Slot] = {}  # streamed blocks bound now, and their slots
+        self._grads = GradGuard()
         self._loaded = False
         self._closed = False
 
@@ -148,10 +119,17 @@ class Streamer:
                 return
             try:
                 with _plain_tensors():
-                    self._load()
+                    self._buffers = DeviceBuffers(self.plan, self.ops, self.loader,
+                                                  lambda name: self.tensors.weights[name].requires_grad)
+                    self._buffers.fill()
+                for name, param in self._buffers.resident.params.items():
+                    self.tensors.sources[name].bound = param
+                self.tensors.move_kept(self.device)
+                # Loading is not the hot path: finish it here, so a first call on any stream sees it.
+                self.ops.host_waits_for(self.ops.compute_done())
             except torch.OutOfMemoryError as exc:
                 self._free()
-                raise self._out_of_memory() from exc
+                raise out_of_memory(self.plan, self.ops, type(self.model).__name__, self.ckpt.folder) from exc
             except BaseException:
                 self._free()
                 raise
@@ -178,14 +156,15 @@ class Streamer:
 
     def stats(self) -> Stats:
         """Per-call and total counters, and the memory in use now."""
+        arena, slots, scratch = (0, 0, 0) if self._buffers is None else self._buffers.nbytes
         return Stats(
             calls=self._calls,
             last_call=self._last.copy(),
             total=self._total.copy(),
-            resident_bytes=0 if self._arena is None else self._arena.numel(),
+            resident_bytes=arena,
             kept_bytes=self.tensors.kept_nbytes(GRANULE) if self._loaded else 0,
-            slot_bytes=sum(s.buffer.numel() for s in self._slots),
-            scratch_bytes=0 if self._scratch is None else self._scratch.numel(),
+            slot_bytes=slots,
+            scratch_bytes=scratch,
             staging_bytes=self.loader.staging_bytes,
             bytes_read=self.loader.bytes_read,
         )
@@ -219,32 +198,6 @@ class Streamer:
 
     # -- the weights ---------------------------------------------------------------------
 
-    def _placements(self, plan: StreamPlan) -> dict[str, TensorPlacement]:
-        """Each checkpoint parameter's placement: in the arena if resident, else in its block."""
-        found = {t.name: t for b in plan.streamed for t in b.tensors}
-        found.update((t.name, t) for t in plan.resident_tensors)
-        return found
-
-    def _make_weights(self, plan: StreamPlan) -> dict[str, CheckpointWeight]:
-        """Give each checkpoint parameter its CheckpointWeight, under every name it has."""
-        aliases = _aliases(self.model)
-        weights = {}
-        for name, t in self._placements(plan).items():
-            source = WeightSource(name, functools.partial(read_value, self.ckpt, t.source), t.casts)
-            current = aliases[name][0][0]._parameters[aliases[name][0][1]]
-            weights[name] = CheckpointWeight(source, t.source.shape, t.dtype, self.device, current.requires_grad)
-            self._sources[name] = source
-            for module, leaf in aliases[name]:
-                module._parameters[leaf] = weights[name]
-        return weights
-
-    def _fill_stored_buffers(self, plan: StreamPlan) -> None:
-        """Buffers whose values the checkpoint holds get them once, on the host."""
-        with _plain_tensors():
-            for src in plan.checkpoint_buffers:
-                buffer = self.model.get_buffer(src.name)
-                buffer.data = read_value(self.ckpt, src).to(buffer.dtype, copy=True)
-
     def _take_in_changes(self) -> None:
         """The model gained or lost modules or tensors (adapters, say): take them in."""
         if self._loaded:
@@ -256,56 +209,12 @@ class Streamer:
 
     # -- loading ------------------------------------------------------------------------
 
-    def _load(self) -> None:
-        plan, ops = self.plan, self.ops
-        self._arena = ops.empty(plan.resident_bytes)
-        self._slots = [_Slot(i, ops.empty(plan.slot_bytes)) for i in range(plan.slots)]
-        self._scratch = ops.empty(plan.scratch_bytes) if plan.scratch_bytes else None
-        # The allocator can hand out memory whose last reader is still queued on the compute
-        # stream; without this marker the copy stream could overwrite it under that reader.
-        fresh = ops.compute_done()
-        self.loader.allocate(plan.slot_bytes)  # the staging ring, so its failure surfaces here
-        for slot in self._slots:
-            slot.free_after = fresh
-        direct = [t for t in plan.resident_tensors if not t.needs_cast]
-        ticket = self.loader.submit(copy_runs(direct), self._arena, after=fresh)
-        self._load_casts([t for t in plan.resident_tensors if t.needs_cast])
-        ticket.wait()
-        ops.compute_waits_for(ticket.ready)
-        for t in plan.resident_tensors:
-            value = _view(self._arena, t.offset, t.dtype, t.source.shape)
-            self._resident.params[t.name] = nn.Parameter(value, self.tensors.weights[t.name].requires_grad)
-            self._sources[t.name].bound = value
-        self.tensors.move_kept(self.device)
-        # Loading is not the hot path: finish it here, so a first call on any stream sees it.
-        ops.host_waits_for(ops.compute_done())
-
-    def _load_casts(self, tensors: list[TensorPlacement]) -> None:
-        """Read stored bytes into a bounded temporary buffer and convert them into the
-        arena, on the device, CAST_CHUNK_BYTES at a time (a large tensor in pieces)."""
-        for pieces in _cast_pieces(tensors, CAST_CHUNK_BYTES):
-            runs, begins, end = [], [], 0
-            for t, start, count in pieces:
-                size = t.source.dtype.itemsize
-                runs += [CopyRun(r.file, r.offset, end + r.dest, r.nbytes)
-                         for r in t.source.within(start * size, (start + count) * size)]
-                begins.append(end)
-                end = _round_up(end + count * size, MAP_ALIGN)
-            raw = self.ops.empty(end)
-            ticket = self.loader.submit(runs, raw, after=self.ops.compute_done())
-            ticket.wait()
-            self.ops.compute_waits_for(ticket.ready)
-            for (t, start, count), begin in zip(pieces, begins):
-                size = t.source.dtype.itemsize
-                target = _view(self._arena, t.offset, t.dtype, (t.source.numel,))[start:start + count]
-                target.copy_(apply_casts(raw[begin:begin + count * size].view(t.source.dtype), t.via))
-
     def _replace_plan(self, plan: StreamPlan) -> None:
         """Switch to ``plan`` (same model and checkpoint): free, re-lay, load again."""
         plan = dataclasses.replace(plan, kept_bytes=self.plan.kept_bytes, adapter_bytes=self.plan.adapter_bytes)
         if [b.resident for b in plan.blocks] == [b.resident for b in self.plan.blocks] and \
                 plan.prefetch == self.plan.prefetch and plan.device == self.plan.device and \
-                self._placements(plan) == self._placements(self.plan):
+                plan.placements == self.plan.placements:
             self.plan = plan  # same layout: keep what is loaded, take the new figures
             return
         loaded = self._loaded
@@ -315,39 +224,21 @@ class Streamer:
         self._order = [i for i in self._exec_order if not plan.blocks[i].resident]
         self._learned = False  # blocks that newly stream take their place in the order at the next call
         self._hook_streamed_blocks()
-        for name, t in self._placements(plan).items():
-            self._sources[name].chain = t.casts
-            set_metadata(self.tensors.weights[name], t.dtype, self.device)
+        self.tensors.retarget(plan)
         if loaded:
             self.load()
-
-    def _out_of_memory(self) -> DeviceMemoryError:
-        plan, mib = self.plan, 2**20
-        free = self.ops.free_bytes()
-        fit = plan.largest_keep_gpu_within(free) if free is not None else None
-        return DeviceMemoryError(
-            f"out of memory on {plan.device} loading {type(self.model).__name__}: the plan needs "
-            f"{plan.device_bytes / mib:.1f} MiB (resident {plan.resident_bytes / mib:.1f}, buffers "
-            f"{plan.kept_bytes / mib:.1f}, {plan.slots} slot(s) x {plan.slot_bytes / mib:.1f}, cast scratch "
-            f"{plan.scratch_bytes / mib:.1f}) with keep_gpu={plan.keep_gpu}"
-            + (f"; {free / mib:.1f} MiB are free" if free is not None else "")
-            + (f"; keep_gpu={fit} would fit" if fit is not None else "; even keep_gpu=0 does not fit")
-            + (f" (with prefetch={plan.prefetch})" if fit is not None else ""),
-            path=self.ckpt.folder,
-        )
 
     def _free(self) -> None:
         self.loader.drain()  # no copy may still be writing into a buffer dropped below
         self.ops.wait_compute_idle()  # nor a forward on any stream still reading one
-        if not self._loaded and self._arena is None:
+        if not self._loaded and self._buffers is None:
             return
-        for name in self._resident.params:
-            self._sources[name].bound = None
+        for source in self.tensors.sources.values():
+            source.bound = None
         if self.device.type != "cpu":
             self.tensors.move_kept(torch.device("cpu"))
-        self._arena = self._scratch = None
-        self._resident, self._grad_refused = _Bound({}), set()
-        self._slots, self._bound, self._views = [], {}, {}
+        self._buffers, self._bound = None, {}
+        self._grads.forget()
         self._cursor, self._wrapped = 0, False
         self._loaded = False
 
@@ -363,8 +254,8 @@ class Streamer:
                 raise UnsupportedOperationError("the model was moved or cast from inside its own forward")
             if self.tensors.refresh():
                 self._take_in_changes()
-            conversion = probe(fn, self._placements(self.plan), self.device, self.plan.dtype)
-            if not conversion.changes(self.device, self._placements(self.plan)):
+            conversion = probe(fn, self.plan.placements, self.device, self.plan.dtype)
+            if not conversion.changes(self.device, self.plan.placements):
                 self.tensors.apply_to_kept(fn)
                 if not self._loaded:
                     self.tensors.move_kept(torch.device("cpu"))
@@ -468,7 +359,7 @@ class Streamer:
         if changed:
             self._take_in_changes()
         self.load()
-        self._bind_all(self._resident)
+        self._bind_all(self._buffers.resident)
         if self._on_calibrated is not None and self._timer is None:
             modules = dict(self.model.named_modules())
             self._timer = BlockTimer([modules[b.path] for b in self.plan.blocks], self.device)
@@ -483,7 +374,7 @@ class Streamer:
         try:
             if self._depth == 1:
                 self._release_bound()
-                self.tensors.unbind(self._resident.bindings)
+                self.tensors.unbind(self._buffers.resident.bindings)
                 self._end_call(completed)
         finally:
             self._depth -= 1
@@ -499,24 +390,14 @@ class Streamer:
                 "compute without streamed blocks, or use torch.compile without mode='reduce-overhead'"
             )
 
-    def _bind_all(self, bound: _Bound) -> None:
+    def _bind_all(self, bound: Bound) -> None:
         if bound.generation != self.tensors.generation:
             bound.bindings, bound.generation = self.tensors.bindings(bound.params), self.tensors.generation
         if torch.is_grad_enabled():  # under no_grad or inference_mode, requires_grad changes nothing
             with _plain_tensors():
                 for name, param in bound.params.items():
-                    self._sync_grad(name, param)
+                    self._grads.sync(name, param, self.tensors.weights[name].requires_grad)
         self.tensors.bind(bound.bindings)
-
-    def _sync_grad(self, name: str, param: nn.Parameter) -> None:
-        """Give the bound tensor the user's requires_grad; a gradient would land on it, not on
-        the parameter the user holds, so backward into it is refused."""
-        wanted = self.tensors.weights[name].requires_grad
-        if param.requires_grad != wanted:
-            param.requires_grad_(wanted)
-        if wanted and id(param) not in self._grad_refused:
-            param.register_hook(functools.partial(_refuse_weight_grad, name))
-            self._grad_refused.add(id(param))
 
     def _release_bound(self) -> None:
         """Free the slots of blocks still bound when a call ends: a BaseException such as
@@ -598,7 +479,7 @@ class Streamer:
             slot.block, slot.ticket = None, None
             slot.free_after = self.ops.compute_done()
             if torch.is_grad_enabled():
-                _refuse_backward(output, self.plan.blocks[index].path)
+                refuse_backward(output, self.plan.blocks[index].path)
             self._prefetch()
         finally:
             if self._block_calls and self._block_calls[-1] == (index, self._depth) and self._owner == threading.get_ident():
@@ -625,7 +506,11 @@ class Streamer:
                 self._submit(slot, index)
             self._cursor += 1
 
-    def _take_slot(self) -> _Slot:
+    @property
+    def _slots(self) -> list[Slot]:
+        return [] if self._buffers is None else self._buffers.slots
+
+    def _take_slot(self) -> Slot:
         """A slot for a block that was not prefetched: a free one, else one whose
         prefetched block is not in use (its copy finishes first: jobs run in order)."""
         for slot in self._slots:
@@ -639,35 +524,17 @@ class Streamer:
             f"{self.plan.prefetch} allows: raise prefetch"
         )
 
-    def _submit(self, slot: _Slot, index: int) -> None:
+    def _submit(self, slot: Slot, index: int) -> None:
         slot.block = index
         slot.ticket = self.loader.submit(self._runs[index], slot.buffer, after=slot.free_after)
 
-    def _bind(self, index: int, slot: _Slot) -> None:
-        key = (slot.index, index)
-        if key not in self._views:
-            with _plain_tensors():
-                self._views[key] = self._make_views(self.plan.blocks[index], slot.buffer)
-        bound = self._views[key]
-        if bound.casts:
-            with _plain_tensors():
-                for target, raw, via in bound.casts:
-                    target.copy_(apply_casts(raw, via))  # on the compute stream, after the bytes landed
+    def _bind(self, index: int, slot: Slot) -> None:
+        with _plain_tensors():  # conversions run on the compute stream, after the bytes landed
+            bound = self._buffers.views(slot, self.plan.blocks[index])
         self._bind_all(bound)
 
-    def _unbind_block(self, index: int, slot: _Slot) -> None:
-        self.tensors.unbind(self._views[(slot.index, index)].bindings)
-
-    def _make_views(self, block: BlockPlan, buffer: torch.Tensor):
-        params, casts = {}, []
-        for t in block.tensors:
-            raw = _view(buffer, t.offset, t.source.dtype, t.source.shape)
-            if t.needs_cast:
-                target = _view(self._scratch, t.cast_offset, t.dtype, t.source.shape)
-                casts.append((target, raw, t.via))
-                raw = target
-            params[t.name] = nn.Parameter(raw, self.tensors.weights[t.name].requires_grad)
-        return _Bound(params, casts)
+    def _unbind_block(self, index: int, slot: Slot) -> None:
+        self.tensors.unbind(self._buffers.bound_views(slot, index).bindings)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -703,70 +570,3 @@ def _bind_index(hook, index: int):
         return hook(index, *args)
 
     return bound
-
-
-def _aliases(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
-    """Every (module, attribute) under which each parameter is registered, keyed by each
-    of its qualified names (tied weights have several)."""
-    by_id: dict[int, list[tuple[nn.Module, str]]] = {}
-    names: dict[int, list[str]] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for leaf, param in module._parameters.items():
-            if param is not None:
-                by_id.setdefault(id(param), []).append((module, leaf))
-                names.setdefault(id(param), []).append(f"{prefix}.{leaf}" if prefix else leaf)
-    return {name: list(dict.fromkeys(by_id[key])) for key, ns in names.items() for name in ns}
-
-
-def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    nbytes = dtype.itemsize
-    for d in shape:
-        nbytes *= d
-    return buffer[offset:offset + nbytes].view(dtype).view(shape)
-
-
-def _cast_pieces(tensors: list[TensorPlacement], limit: int) -> Iterator[list[tuple[TensorPlacement, int, int]]]:
-    """Groups of (tensor, first element, element count) of at most ``limit`` stored bytes."""
-    group, size = [], 0
-    for t in tensors:
-        itemsize = t.source.dtype.itemsize
-        numel = t.source.numel
-        start = 0
-        while start < numel:
-            if size + itemsize > limit and group:
-                yield group
-                group, size = [], 0
-            count = min(numel - start, max(1, (limit - size) // itemsize))
-            group.append((t, start, count))
-            size += count * itemsize
-            start += count
-    if group:
-        yield group
-
-
-def _refuse_weight_grad(name: str, grad: torch.Tensor) -> None:
-    raise UnsupportedOperationError(
-        f"backward into checkpoint weight {name!r}: lazystream binds the checkpoint's weights afresh on every call, so "
-        "a gradient could not reach the parameter you hold. Freeze them (model.requires_grad_(False), as peft does "
-        "for the base model), or run inference under torch.no_grad() / torch.inference_mode()",
-        tensor=name,
-    )
-
-
-def _refuse_backward(output: object, path: str) -> None:
-    def refuse(grad: torch.Tensor) -> None:
-        raise UnsupportedOperationError(
-            f"backward through streamed block {path!r}: its weights live in a reused buffer, so autograd "
-            "cannot keep them. Run inference under torch.no_grad() or torch.inference_mode(), or keep this "
-            "block resident (raise keep_gpu)"
-        )
-
-    if isinstance(output, torch.Tensor):
-        if output.requires_grad:
-            output.register_hook(refuse)
-    elif isinstance(output, (tuple, list)):
-        for item in output:
-            _refuse_backward(item, path)
-    elif isinstance(output, dict):
-        for item in output.values():
-            _refuse_backward(item, path)

@@ -14,13 +14,17 @@ registered anywhere, and the streamer rescans its model when the counter moved.
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .errors import OtherOffloaderError
-from .weights import CheckpointWeight
+from .plan import StreamPlan
+from .source import TensorSource
+from .weights import CheckpointWeight, WeightSource, set_metadata
 
 # Bumped by torch's global hooks whenever a module of a streamed model registers a module,
 # parameter or buffer: a model whose scan is older than this may have changed.
@@ -53,12 +57,31 @@ Binding = tuple[dict, str, CheckpointWeight, torch.Tensor]  # a module's _parame
 
 
 class ModelTensors:
-    """Where each checkpoint weight is registered, and the model's kept tensors."""
+    """Where each checkpoint weight is registered, and the model's kept tensors.
 
-    def __init__(self, model: nn.Module, weights: dict[str, CheckpointWeight]):
+    Made for a model and its first plan: every checkpoint parameter of ``plan`` gets its
+    CheckpointWeight (reading values through ``read(source)``) under every name it has,
+    and buffers the checkpoint holds get their values.
+    """
+
+    def __init__(self, model: nn.Module, plan: StreamPlan, read: Callable[[TensorSource], torch.Tensor]):
         self.model = model
-        self.weights = weights
-        self._names = {id(w): name for name, w in weights.items()}
+        self.sources: dict[str, WeightSource] = {}
+        self.weights: dict[str, CheckpointWeight] = {}
+        aliases = _aliases(model)
+        device = torch.device(plan.device)
+        for name, t in plan.placements.items():
+            (module, leaf), *_ = aliases[name]
+            source = self.sources[name] = WeightSource(name, functools.partial(read, t.source), t.casts)
+            weight = CheckpointWeight(source, t.source.shape, t.dtype, device, module._parameters[leaf].requires_grad)
+            for module, leaf in aliases[name]:
+                module._parameters[leaf] = weight
+            self.weights[name] = weight
+        with torch.inference_mode(False), torch.no_grad():
+            for src in plan.checkpoint_buffers:  # buffers whose values the checkpoint holds: once, on the host
+                buffer = model.get_buffer(src.name)
+                buffer.data = read(src).to(buffer.dtype, copy=True)
+        self._names = {id(w): name for name, w in self.weights.items()}
         self.aliases: dict[str, list[Alias]] = {}
         self.kept: list[torch.Tensor] = []  # each kept tensor once
         self._registries: list[dict] = []
@@ -160,6 +183,12 @@ class ModelTensors:
 
     # -- between calls -----------------------------------------------------------------
 
+    def retarget(self, plan: StreamPlan) -> None:
+        """Give each weight the dtype, casts and device ``plan`` gives it (after ``.to()``)."""
+        for name, t in plan.placements.items():
+            self.sources[name].chain = t.casts
+            set_metadata(self.weights[name], t.dtype, torch.device(plan.device))
+
     def move_kept(self, device: torch.device) -> None:
         """Move every kept tensor to ``device``, keeping each object (as ``Module.to`` does)."""
         with torch.inference_mode(False), torch.no_grad():
@@ -180,3 +209,16 @@ class ModelTensors:
             for module, leaf, weight in hidden:
                 module._parameters[leaf] = weight
         self.rescan()
+
+
+def _aliases(model: nn.Module) -> dict[str, list[Alias]]:
+    """Every (module, attribute) under which each parameter is registered, keyed by each
+    of its qualified names (tied weights have several)."""
+    by_id: dict[int, list[Alias]] = {}
+    names: dict[int, list[str]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                by_id.setdefault(id(param), []).append((module, leaf))
+                names.setdefault(id(param), []).append(f"{prefix}.{leaf}" if prefix else leaf)
+    return {name: list(dict.fromkeys(by_id[key])) for key, ns in names.items() for name in ns}

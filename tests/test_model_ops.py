@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import Qwen3ForCausalLM
 
 from lazystream import LazyStreamModel, streamer_of
-from lazystream.errors import LazyStreamError, OtherOffloaderError, ReadOnlyWeightError, UnsupportedOperationError
+from lazystream.errors import OtherOffloaderError, ReadOnlyWeightError, UnsupportedOperationError
 from lazystream.synthetic import build_qwen3, build_zimage, zimage_config, zimage_inputs
 from lazystream.weights import CheckpointWeight
 

@@ -152,7 +152,7 @@ def test_plan_device_bytes_equal_allocated_bytes(qwen3, keep_gpu, prefetch):
     assert stats.resident_bytes == streamer.plan.resident_bytes
     assert stats.slot_bytes == streamer.plan.slots * streamer.plan.slot_bytes
     assert streamer.plan.slots == min(prefetch, QWEN_LAYERS - min(keep_gpu, QWEN_LAYERS))
-    arena_views = list(streamer._resident.params.values())
+    arena_views = list(streamer._buffers.resident.params.values())
     assert len(arena_views) == len(streamer.plan.resident_tensors)
     assert all(t.untyped_storage().nbytes() == streamer.plan.resident_bytes for t in arena_views)
     streamer.close()
@@ -343,10 +343,10 @@ def test_parameters_declared_in_another_dtype_keep_it(tmp_path, keep_gpu):
 
 
 def test_resident_casts_go_through_a_bounded_buffer(tmp_path, monkeypatch):
-    import lazystream.streamer as streamer_module
+    import lazystream.buffers as buffers_module
     from lazystream.devices import HostDevice
 
-    monkeypatch.setattr(streamer_module, "CAST_CHUNK_BYTES", 4096)  # smaller than the embedding
+    monkeypatch.setattr(buffers_module, "CAST_CHUNK_BYTES", 4096)  # smaller than the embedding
     sizes = []
     original = HostDevice.empty
     monkeypatch.setattr(HostDevice, "empty", lambda self, n: sizes.append(n) or original(self, n))
