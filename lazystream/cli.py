@@ -35,7 +35,7 @@ PLAN_OPTIONS = {"max_gpu_memory": "--vram", "activation_reserve": "--activation-
 DEMO_OPTIONS = {"keep_gpu": "--keep-gpu", "device": "--device"}
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, as for every other error; argparse would print the usage above it.
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lazystream", description=DESCRIPTION, epilog=EPILOG,
+    parser = OneLineErrorParser(prog="lazystream", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
                         version=f"lazystream {__version__} from {Path(__file__).parent} (Python "

@@ -68,7 +68,7 @@ def test_quick_run_writes_table_targets_and_plot(quick):
 
 
 def test_one_run_in_its_own_process(quick, tmp_path):
-    from lazystream.bench import _in_child
+    from lazystream.bench.suite import _in_child
 
     _, report = quick
     job = Job(Run("lazystream", keep=1, placement="first", io="direct"), report["checkpoint"]["path"], "cpu",
@@ -204,7 +204,7 @@ def test_layout_names_every_tensor_outside_the_blocks(quick):
 def test_repeat_keeps_the_median_process(monkeypatch):
     import argparse
 
-    import lazystream.bench as bench
+    import lazystream.bench.suite as bench
 
     medians = iter([0.9, 0.5, 0.7])
     monkeypatch.setattr(bench, "_quietest", lambda job, args: {"status": "ok", "median_s": next(medians),

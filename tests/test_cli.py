@@ -91,9 +91,10 @@ def test_every_option_has_help():
     assert set(commands.choices) == {"plan", "demo", "bench"}
 
 
-def test_help_does_not_import_torch():
-    code = ("import sys\nfrom lazystream.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "import lazystream\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+@pytest.mark.parametrize("command", [[], ["bench"]], ids=["lazystream", "bench"])
+def test_help_does_not_import_torch(command):
+    code = (f"import sys\nfrom lazystream.cli import main\ntry:\n    main({command + ['--help']!r})\n"
+            "except SystemExit:\n    pass\nimport lazystream\nassert 'torch' not in sys.modules, 'torch was imported'\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
 
@@ -134,7 +135,10 @@ def test_public_names_resolve_and_match_the_type_checking_imports():
     (["plan", "x", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["demo", "--keep-gpu", "-3"], ["argument --keep-gpu: expected a whole number >= 0, got '-3'"]),
     (["demo", "--tokens", "0"], ["argument --tokens: expected a whole number >= 1, got '0'"]),
-], ids=["keep-gpu-lots", "prefetch-0", "placement", "unknown-option", "demo-keep-gpu-negative", "demo-tokens-0"])
+    (["bench", "--build", "llama:small"], ["argument --build: expected FAMILY:SIZE with FAMILY one of"]),
+    (["bench", "--build", "qwen3:huge"], ["argument --build: SIZE of 'qwen3:huge' must be one of"]),
+], ids=["keep-gpu-lots", "prefetch-0", "placement", "unknown-option", "demo-keep-gpu-negative", "demo-tokens-0",
+        "bench-build-family", "bench-build-size"])
 def test_argument_errors(args, fragments, tmp_path):
     # An empty cache: were the arguments not checked first, demo would start building its checkpoint.
     run = lazystream_cli(*args, env={"XDG_CACHE_HOME": str(tmp_path)}, timeout=60)

@@ -133,7 +133,7 @@ def _run_text(cmd: list[str], timeout: float = 20) -> str:
 
 
 def machine(work: Path, rec: Recorder) -> dict:
-    from lazystream.bench import machine as bench_machine
+    from lazystream.bench.suite import machine as bench_machine
 
     smi = _run_text(["nvidia-smi", "-q"])
     rec.write("nvidia-smi.txt", smi)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _checkpoint(args: argparse.Namespace, rec: Recorder) -> Path:
-    from lazystream.bench import DTYPES, build_checkpoint
+    from lazystream.bench.suite import DTYPES, build_checkpoint
     from lazystream.bench.methods import layout_of
 
     spec = "qwen3:tiny" if args.quick else "qwen3:" + json.dumps(GPU_CHECKPOINT)
@@ -253,7 +253,7 @@ def _checkpoint(args: argparse.Namespace, rec: Recorder) -> Path:
 def _bench(args: argparse.Namespace, rec: Recorder, info: dict, checkpoint: Path) -> int:
     import torch
 
-    from lazystream.bench import _in_child
+    from lazystream.bench.suite import _in_child
     from lazystream.bench.methods import Job, layout_of
     from lazystream.bench.probes import Probes
     from lazystream.bench.runs import plan_runs
@@ -297,7 +297,7 @@ def _bench(args: argparse.Namespace, rec: Recorder, info: dict, checkpoint: Path
 
 
 def _child_result(child_args: list[str], args: argparse.Namespace, rec: Recorder) -> dict | None:
-    from lazystream.bench import _child
+    from lazystream.bench.suite import _child
     from lazystream.bench.methods import iter_results
 
     try:
@@ -316,7 +316,7 @@ def _child_result(child_args: list[str], args: argparse.Namespace, rec: Recorder
 
 def _report(rows, probes, layout, info, args, rec: Recorder, checkpoint: Path, tokens: int) -> None:
     """bench.json and bench.md from the runs so far (rewritten after each)."""
-    from lazystream.bench import render
+    from lazystream.bench.suite import render
     from lazystream.bench.report import add_derived, cpu_comparisons, cpu_targets, gpu_targets, resident_seconds
 
     rows = [dict(r) for r in rows]
