@@ -49,3 +49,23 @@ def keeps_holes(folder) -> bool:
     sparse = probe.stat().st_blocks * 512 < 2**20
     probe.unlink()
     return sparse
+
+
+def write_odd_checkpoint(folder, sizes: list[list[int]], seed: int):
+    """Shards of uint8 tensors of ``sizes`` (one list per shard), chosen to put most offsets
+    off any alignment, with their index; returns ``folder``."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, shard in enumerate(sizes):
+        name = f"model-{i + 1:05d}-of-{len(sizes):05d}.safetensors"
+        tensors = {f"t{i}_{j}": torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+                   for j, n in enumerate(shard)}
+        save_file(tensors, folder / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder

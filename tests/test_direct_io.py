@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import warnings
 from pathlib import Path
 
 import pytest
-from conftest import qwen3_with_logits
+from conftest import qwen3_with_logits, write_odd_checkpoint
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 from lazystream import Checkpoint, IOConfig, LazyStreamModel, streamer_of
 from lazystream.bench.pagecache import cached_fraction, evict
@@ -91,18 +89,8 @@ def test_neighbouring_runs_share_one_read():
 @pytest.fixture(scope="module")
 def odd_checkpoint(tmp_path_factory) -> Path:
     """Two shards of uint8 tensors whose sizes put most offsets off any alignment."""
-    folder = tmp_path_factory.mktemp("odd")
-    gen = torch.Generator().manual_seed(0)
-    sizes = [[1, 4095, 4097, 10_000, 3, 70_001], [8191, 5, 200_003]]
-    weight_map = {}
-    for i, shard in enumerate(sizes):
-        name = f"model-{i + 1:05d}-of-{len(sizes):05d}.safetensors"
-        tensors = {f"t{i}_{j}": torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
-                   for j, n in enumerate(shard)}
-        save_file(tensors, folder / name)
-        weight_map.update(dict.fromkeys(tensors, name))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return folder
+    return write_odd_checkpoint(tmp_path_factory.mktemp("odd"), [[1, 4095, 4097, 10_000, 3, 70_001], [8191, 5, 200_003]],
+                                seed=0)
 
 
 def _read_all(ckpt: Checkpoint, io: IOConfig) -> torch.Tensor:

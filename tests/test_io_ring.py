@@ -6,7 +6,6 @@ caller named, and every device call made on a thread bound to the device."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import threading
@@ -15,8 +14,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import write_odd_checkpoint
 import torch
-from safetensors.torch import save_file
 
 from lazystream import Checkpoint, IOConfig, LazyStreamModel, streamer_of
 from lazystream.checkpoint import CopyRun, coalesce
@@ -56,18 +55,8 @@ def test_ring_sizes_on_the_cpu_and_for_tiny_and_explicit_settings():
 
 @pytest.fixture(scope="module")
 def odd(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("odd-ring")
-    gen = torch.Generator().manual_seed(3)
-    sizes = [[1, 4095, 4097, 10_000, 3, 70_001], [8191, 5, 200_003, 33_333]]
-    weight_map = {}
-    for i, shard in enumerate(sizes):
-        name = f"model-{i + 1:05d}-of-{len(sizes):05d}.safetensors"
-        tensors = {f"t{i}_{j}": torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
-                   for j, n in enumerate(shard)}
-        save_file(tensors, folder / name)
-        weight_map.update(dict.fromkeys(tensors, name))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return folder
+    return write_odd_checkpoint(tmp_path_factory.mktemp("odd-ring"),
+                                [[1, 4095, 4097, 10_000, 3, 70_001], [8191, 5, 200_003, 33_333]], seed=3)
 
 
 def _jobs(ckpt: Checkpoint, n: int) -> list[tuple[list[CopyRun], int]]:
