@@ -114,8 +114,10 @@ class Stats:
 
 
 def _rates(c: CallStats) -> str:
+    # Unstaged (the CPU device's default) nothing is filled: no fill rate to show.
+    fill = f", fill {c.fill_gb_per_s:.2f} GB/s" if c.fill_bytes else ""
     return (f"waited {c.stall_seconds * 1e3:.1f} ms for bytes (on-demand loads {c.on_demand_loads}), "
-            f"device copy {c.h2d_gb_per_s:.2f} GB/s, fill {c.fill_gb_per_s:.2f} GB/s")
+            f"device copy {c.h2d_gb_per_s:.2f} GB/s{fill}")
 
 
 def rss_anon() -> int:
