@@ -70,9 +70,11 @@ class ModelTensors:
         self.weights: dict[str, CheckpointWeight] = {}
         aliases = _aliases(model)
         device = torch.device(plan.device)
+        epoch = [0]  # shared by the sources: moved by every state_dict() of the model
+        model.register_state_dict_pre_hook(lambda *args: epoch.__setitem__(0, epoch[0] + 1))
         for name, t in plan.placements.items():
             (module, leaf), *_ = aliases[name]
-            source = self.sources[name] = WeightSource(name, functools.partial(read, t.source), t.casts)
+            source = self.sources[name] = WeightSource(name, functools.partial(read, t.source), t.casts, epoch=epoch)
             weight = CheckpointWeight(source, t.source.shape, t.dtype, device, module._parameters[leaf].requires_grad)
             for module, leaf in aliases[name]:
                 module._parameters[leaf] = weight

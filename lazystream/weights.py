@@ -18,8 +18,9 @@ re-plans and ``.to()``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -72,11 +73,24 @@ class WeightSource:
     read: Callable[[], torch.Tensor]
     chain: tuple[torch.dtype, ...]
     bound: torch.Tensor | None = None
+    # ``epoch[0]`` moves at every state_dict() of the model; within one, a tied weight's
+    # host value is given once (see host_value).
+    epoch: list[int] = field(default_factory=lambda: [0])
+    _host: tuple[weakref.ref, int, tuple, int] | None = None
 
     def host_value(self) -> torch.Tensor:
-        """The parameter's values on the host, with their own storage."""
+        """The parameter's values on the host, with their own storage. Within one
+        ``state_dict()`` the same tensor each time: a tied weight then has one storage, as
+        on the library's model, and save_pretrained writes it once."""
+        if self._host is not None:
+            ref, epoch, chain, version = self._host
+            value = ref()
+            if value is not None and (epoch, chain, version) == (self.epoch[0], self.chain, value._version):
+                return value
         with torch.inference_mode(False), torch.no_grad():
-            return apply_casts(self.read(), self.chain)
+            value = apply_casts(self.read(), self.chain)
+        self._host = (weakref.ref(value), self.epoch[0], self.chain, value._version)
+        return value
 
     def value_on(self, device: torch.device) -> torch.Tensor:
         if self.bound is not None:

@@ -314,3 +314,22 @@ def test_cuda_graph_capture_is_refused(qwen3, monkeypatch):
     monkeypatch.undo()
     assert logits(model, ids) is not None
     streamer.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tied_weights_are_saved_once_as_the_library_saves_them(tmp_path, dtype):
+    """Within one state_dict(), a tied weight's two names share one host tensor (also when a
+    cast made it), so save_pretrained drops the duplicate as it does for the library's model;
+    a later state_dict() reads afresh."""
+    path = build_qwen3(tmp_path / "tied", max_shard_size="60KB", tie_word_embeddings=True)
+    ref = Qwen3ForCausalLM.from_pretrained(path, dtype=dtype)
+    model = LazyStreamModel.from_pretrained(path, 1, dtype=dtype)
+    state = model.state_dict()
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+    ref.save_pretrained(tmp_path / "library")
+    model.save_pretrained(tmp_path / "streamed")
+    for name in sorted(p.name for p in (tmp_path / "library").glob("*.safetensors")):
+        assert_same_tensors(load_file(tmp_path / "streamed" / name), load_file(tmp_path / "library" / name))
+    again = model.state_dict()
+    assert again["lm_head.weight"] is not state["lm_head.weight"]
+    streamer_of(model).close()
