@@ -75,34 +75,10 @@ def original_flux2_state(state: Mapping[str, torch.Tensor], prefix: str = "") ->
               "ff_context.linear_out": "txt_mlp.2"}
     single = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q": "norm.query_norm",
               "attn.norm_k": "norm.key_norm"}
-    fused = {"attn.to_q": ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-             "attn.add_q_proj": ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))}
-    out: dict[str, torch.Tensor] = {}
-    for name, value in state.items():
-        module, kind = name.rsplit(".", 1)
-        if module.startswith("transformer_blocks."):
-            _, index, inner = module.split(".", 2)
-            if inner in fused:
-                target, parts = fused[inner]
-                value = torch.cat([state[f"transformer_blocks.{index}.{p}.{kind}"] for p in parts])
-                inner = target
-            elif inner in double:
-                inner = double[inner]
-            else:
-                continue  # a piece of a fused qkv, written with its first piece
-            kind = "scale" if "norm." in inner else kind
-            out[f"{prefix}double_blocks.{index}.{inner}.{kind}"] = value
-        elif module.startswith("single_transformer_blocks."):
-            _, index, inner = module.split(".", 2)
-            inner = single[inner]
-            kind = "scale" if "norm." in inner else kind
-            out[f"{prefix}single_blocks.{index}.{inner}.{kind}"] = value
-        else:
-            if module == "norm_out.linear":
-                scale, shift = value.chunk(2)
-                value = torch.cat([shift, scale])
-            out[f"{prefix}{top[module]}.{kind}"] = value
-    return out
+    fused = {("transformer_blocks", "attn.to_q"): ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+             ("transformer_blocks", "attn.add_q_proj"):
+                 ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))}
+    return _original_flux_layout(state, prefix, top, double, single, fused)
 
 
 def original_flux_state(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -129,14 +105,24 @@ def original_flux_state(state: Mapping[str, torch.Tensor], prefix: str = "") -> 
              ("transformer_blocks", "attn.add_q_proj"):
                  ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
              ("single_transformer_blocks", "attn.to_q"): ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))}
+    return _original_flux_layout(state, prefix, top, double, single, fused)
+
+
+def _original_flux_layout(state: Mapping[str, torch.Tensor], prefix: str, top: Mapping[str, str],
+                          double: Mapping[str, str], single: Mapping[str, str],
+                          fused: Mapping[tuple[str, str], tuple[str, tuple[str, ...]]]) -> dict[str, torch.Tensor]:
+    """The original FLUX layouts from diffusers' names: ``top`` renames modules outside the
+    blocks, ``double``/``single`` those inside ``double_blocks``/``single_blocks``, ``fused``
+    (block list, first piece) -> (original name, pieces in order) concatenates pieces; norms
+    store ``scale``; the final modulation's halves are swapped to (shift, scale)."""
     out: dict[str, torch.Tensor] = {}
+    originals = {"transformer_blocks": ("double_blocks", double), "single_transformer_blocks": ("single_blocks", single)}
     for name, value in state.items():
         module, kind = name.rsplit(".", 1)
         blocks, _, rest = module.partition(".")
-        if blocks in ("transformer_blocks", "single_transformer_blocks"):
+        if blocks in originals:
             index, inner = rest.split(".", 1)
-            original = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}[blocks]
-            names = double if blocks == "transformer_blocks" else single
+            original, names = originals[blocks]
             if (blocks, inner) in fused:
                 inner, parts = fused[(blocks, inner)]
                 value = torch.cat([state[f"{blocks}.{index}.{p}.{kind}"] for p in parts])
