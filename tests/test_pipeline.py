@@ -202,3 +202,17 @@ def test_bad_arguments_are_refused_before_loading(zimage_pipeline):
 def test_phases_of_a_pipeline_lazystream_did_not_load(zimage_pipeline):
     with pytest.raises(ValueError, match="was not loaded by LazyStreamPipeline.from_pretrained"):
         phases_of(ZImagePipeline.from_pretrained(zimage_pipeline[0]))
+
+
+def test_pipe_to_a_dtype_recasts_the_streamed_components_as_the_library(zimage_pipeline):
+    """pipe.to(bfloat16): diffusers casts its own components; the streamed ones re-plan
+    (the unloaded one stays unloaded) and the images equal the library pipeline's after the same call."""
+    path, _ = zimage_pipeline
+    ref = ZImagePipeline.from_pretrained(path).to(torch.bfloat16)
+    pipe = load(path, {"transformer": 3, "text_encoder": 1})
+    generate(pipe, "two prompts")
+    pipe.to(torch.bfloat16)
+    assert pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    got = generate(pipe, "two prompts")
+    assert got.dtype == torch.bfloat16 and torch.equal(got, generate(ref, "two prompts"))
+    phases_of(pipe).close()
