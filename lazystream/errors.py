@@ -126,6 +126,21 @@ class UnsupportedConversionError(LazyStreamError, ValueError):
     concatenations and stacks of stored bytes), so it cannot be streamed as byte runs."""
 
 
+class UnusedTensorsError(LazyStreamError, ValueError):
+    """The checkpoint holds tensors the library's model would load (its own ignore lists
+    applied) that lazystream would leave unused: the model would differ from the library's."""
+
+
+class UnsupportedQuantizationError(LazyStreamError, ValueError):
+    """A checkpoint's ``quantization_config`` or a loading keyword names a quantization
+    method lazystream does not stream; loading it as anything else would give another model."""
+
+
+class UnsupportedKeywordError(LazyStreamError, TypeError):
+    """A keyword of the library's loader that lazystream cannot honour with the library's
+    effect (``device_map``, say); the message says what to do instead."""
+
+
 class OtherOffloaderError(LazyStreamError, ValueError):
     """The model already carries offloading hooks (accelerate, diffusers, lazystream)."""
 
