@@ -52,7 +52,7 @@ def load(path, keep_gpu, **kwargs):
 def test_images_equal_the_library_pipeline(zimage_pipeline, keep_gpu, call):
     path, want = zimage_pipeline
     pipe = load(path, keep_gpu)
-    assert isinstance(pipe, ZImagePipeline) and type(pipe).__name__ == "StreamedZImagePipeline"
+    assert isinstance(pipe, ZImagePipeline) and type(pipe).__name__ == "ZImagePipeline"
     assert type(pipe.transformer) is ZImageTransformer2DModel and type(pipe.text_encoder) is Qwen3Model
     for _ in range(2):  # the second image runs with the calls per phase learned from the first
         assert torch.equal(generate(pipe, call), want[call])
