@@ -74,14 +74,21 @@ def refuse_streamed_quantization(config: Any, classes: Mapping[str, type[nn.Modu
     if not isinstance(config, PipelineQuantizationConfig):
         return  # None, or diffusers' own ValueError when it loads
     for name, cls in classes.items():
-        # A copy: resolving records the component in the config's book-keeping.
-        resolved = copy.deepcopy(config)._resolve_quant_config(is_diffusers=issubclass(cls, ModelMixin),
-                                                               module_name=name)
-        if resolved is not None:
-            method = getattr(resolved, "quant_method", None)
-            method = getattr(method, "value", method) or type(resolved).__name__
+        try:
+            # A copy: resolving records the component in the config's book-keeping.
+            applies = copy.deepcopy(config)._resolve_quant_config(is_diffusers=issubclass(cls, ModelMixin),
+                                                                  module_name=name) is not None
+        except Exception:  # noqa: BLE001 - it built the backend's config for this component (so it applies),
+            applies = True  # which failed: the backend's package is missing, say
+        if applies:
+            method = config.quant_backend or _quant_method(config.quant_mapping[name])
             raise UnsupportedQuantizationError(
                 f"quantization_config quantizes {name!r} with {method!r}, and keep_gpu streams {name!r}: lazystream "
                 "streams no quantization method on the fly yet. Leave it out of the quantization "
                 "(components_to_quantize= or quant_mapping= naming only the components diffusers loads), or out "
                 "of keep_gpu to let diffusers quantize it")
+
+
+def _quant_method(config: Any) -> str:
+    method = getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method) or type(config).__name__)
