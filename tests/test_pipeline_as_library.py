@@ -12,7 +12,8 @@ import re
 import pytest
 import torch
 from diffusers import (AutoencoderKL, AutoPipelineForImage2Image, DiffusionPipeline, PipelineQuantizationConfig,
-                       StableDiffusionXLPipeline, ZImageImg2ImgPipeline, ZImagePipeline)
+                       StableDiffusionXLPipeline, ZImageImg2ImgPipeline, ZImagePipeline,
+                       ZImageTransformer2DModel)
 from transformers import BitsAndBytesConfig
 
 from lazystream import LazyStreamModel
@@ -73,6 +74,26 @@ def test_the_dtype_forms_change_the_components(zimage):
         None, torch.bfloat16, {"transformer": torch.bfloat16, "default": torch.float32},
         {"text_encoder": torch.bfloat16, "vae": torch.bfloat16})]
     assert len({repr(sorted(d.items())) for d in seen}) == len(seen)
+
+
+def test_a_single_file_component_gets_the_dtype_diffusers_gives_it(zimage, tmp_path):
+    """single_files={"transformer": file} under a dict dtype: as the library's pipeline with
+    transformer=ZImageTransformer2DModel.from_single_file(file, torch_dtype=<the dict's entry>)."""
+    from safetensors.torch import save_file
+
+    from lazystream.synthetic.single_file import original_zimage_state
+
+    state = ZImageTransformer2DModel.from_pretrained(zimage, subfolder="transformer").state_dict()
+    file = tmp_path / "z_image.safetensors"
+    save_file({name: value.contiguous() * 1.5 for name, value in original_zimage_state(state).items()}, file)
+    dtype = {"transformer": torch.bfloat16, "default": torch.float32}
+    transformer = ZImageTransformer2DModel.from_single_file(str(file), config=str(zimage), subfolder="transformer",
+                                                            torch_dtype=torch.bfloat16)
+    ref = ZImagePipeline.from_pretrained(zimage, transformer=transformer, dtype=dtype)
+    pipe = LazyStreamPipeline.from_pretrained(zimage, ZIMAGE_STREAMED, single_files={"transformer": file}, dtype=dtype)
+    assert dtypes_of(pipe) == dtypes_of(ref) and pipe.transformer.dtype == torch.bfloat16
+    assert torch.equal(run(pipe, ZIMAGE_CALL), run(ref, ZIMAGE_CALL))
+    phases_of(pipe).close()
 
 
 def test_torch_dtype_and_dtype_together_are_refused_as_diffusers_refuses(zimage):
