@@ -216,3 +216,17 @@ def test_pipe_to_a_dtype_recasts_the_streamed_components_as_the_library(zimage_p
     got = generate(pipe, "two prompts")
     assert got.dtype == torch.bfloat16 and torch.equal(got, generate(ref, "two prompts"))
     phases_of(pipe).close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_unloaded_pipeline_reports_its_device_and_runs_there(zimage_pipeline):
+    """No device property of lazystream's: diffusers reads the device off the components,
+    whose checkpoint weights report the device they have during a call, also unloaded."""
+    path, _ = zimage_pipeline
+    ref = ZImagePipeline.from_pretrained(path).to("cuda")
+    pipe = load(path, {"transformer": 3, "text_encoder": 1}, device="cuda")
+    phases_of(pipe).unload()
+    assert pipe.device.type == pipe._execution_device.type == "cuda"
+    assert torch.equal(generate(pipe, "guidance"), generate(ref, "guidance"))
+    phases_of(pipe).close()
