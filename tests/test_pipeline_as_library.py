@@ -174,6 +174,7 @@ def test_from_pipe_shares_the_streamed_components_and_equals_the_library(zimage,
         assert all(getattr(derived, name) is getattr(pipe, name) for name in keep_gpu)
         assert torch.equal(run(derived, call, image=image), run(ref, call, image=image))
         phases = phases_of(pipe)
+        assert phases_of(derived) is phases
         assert {p.component for p in phases.last_call} >= set(keep_gpu)
         phases.close()
 

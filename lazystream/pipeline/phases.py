@@ -17,6 +17,7 @@ import functools
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,17 +32,23 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 _ATTR = "_lazystream_phases"
+# Each streamed component's Phases: a pipeline made by from_pipe shares the components, not the attribute.
+_OF_COMPONENT: weakref.WeakKeyDictionary[nn.Module, Phases] = weakref.WeakKeyDictionary()
 # The methods through which a pipeline runs a component (VAEs are called by encode/decode).
 _ENTRY_POINTS = ("forward", "encode", "decode")
 
 
 def phases_of(pipe: DiffusionPipeline) -> Phases:
-    """The :class:`Phases` of a pipeline loaded by :meth:`LazyStreamPipeline.from_pretrained`.
+    """The :class:`Phases` of a pipeline loaded by :meth:`LazyStreamPipeline.from_pretrained`,
+    or of one made from it by ``from_pipe`` (it shares the streamed components and their phases).
 
     Raises:
-        ValueError: the pipeline was not loaded by lazystream.
+        ValueError: the pipeline has no component streamed by LazyStreamPipeline.
     """
     phases = getattr(pipe, _ATTR, None)
+    if phases is None:
+        phases = next((_OF_COMPONENT[c] for c in pipe.components.values()
+                       if isinstance(c, nn.Module) and c in _OF_COMPONENT), None)
     if phases is None:
         raise ValueError(f"this {type(pipe).__name__} was not loaded by LazyStreamPipeline.from_pretrained")
     return phases
@@ -69,8 +76,9 @@ class Phases:
     makes the pipeline an instance of a subclass of its class whose ``__call__`` ends the
     last phase (it bears the class's name: see :func:`_streamed_class`), recording what
     it changed; :meth:`close` restores it. A pipeline made from this one by ``from_pipe``
-    shares the streamed components, so its calls switch the same phases; its calls do
-    not end the last phase, the next call's first switch does.
+    shares the streamed components, so its calls switch the same phases (``phases_of``
+    gives them for either pipeline); its calls do not end the last phase, the next call's
+    first switch does.
 
     ``streamers`` maps each streamed component to its :class:`~lazystream.Streamer`;
     ``order`` names the components that begin a phase; ``last_call`` lists the phases of
@@ -113,6 +121,7 @@ class Phases:
                     if callable(getattr(component, method, None)):
                         self._patch(component, method, functools.partial(self._wrap_entry, name))
         object.__setattr__(pipe, _ATTR, self)
+        _OF_COMPONENT.update(dict.fromkeys(streamed.values(), self))
         pipe.__class__ = _streamed_class(self._pipeline_cls)
 
     # -- public -------------------------------------------------------------------------
