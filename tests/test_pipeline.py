@@ -52,7 +52,7 @@ def load(path, keep_gpu, **kwargs):
 def test_images_equal_the_library_pipeline(zimage_pipeline, keep_gpu, call):
     path, want = zimage_pipeline
     pipe = load(path, keep_gpu)
-    assert isinstance(pipe, ZImagePipeline) and type(pipe).__name__ == "StreamedZImagePipeline"
+    assert isinstance(pipe, ZImagePipeline) and type(pipe).__name__ == "ZImagePipeline"
     assert type(pipe.transformer) is ZImageTransformer2DModel and type(pipe.text_encoder) is Qwen3Model
     for _ in range(2):  # the second image runs with the calls per phase learned from the first
         assert torch.equal(generate(pipe, call), want[call])
@@ -215,4 +215,18 @@ def test_pipe_to_a_dtype_recasts_the_streamed_components_as_the_library(zimage_p
     assert pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16
     got = generate(pipe, "two prompts")
     assert got.dtype == torch.bfloat16 and torch.equal(got, generate(ref, "two prompts"))
+    phases_of(pipe).close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_unloaded_pipeline_reports_its_device_and_runs_there(zimage_pipeline):
+    """No device property of lazystream's: diffusers reads the device off the components,
+    whose checkpoint weights report the device they have during a call, also unloaded."""
+    path, _ = zimage_pipeline
+    ref = ZImagePipeline.from_pretrained(path).to("cuda")
+    pipe = load(path, {"transformer": 3, "text_encoder": 1}, device="cuda")
+    phases_of(pipe).unload()
+    assert pipe.device.type == pipe._execution_device.type == "cuda"
+    assert torch.equal(generate(pipe, "guidance"), generate(ref, "guidance"))
     phases_of(pipe).close()
