@@ -132,15 +132,17 @@ def _is_float8(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and dtype.itemsize == 1
 
 
-def build_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:
+def build_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype,
+                   overrides: Mapping | None = None) -> nn.Module:
     """Build ``cls`` from ``config`` as its library would at ``dtype``, parameters on meta.
+    ``overrides``: keywords diffusers' from_pretrained passes to ``from_config``.
 
     Buffers are created for real (on the CPU), so non-persistent ones such as rotary
     ``inv_freq`` hold their computed values, as after the library's own loader.
     """
     with _parameters_on_meta(), _default_dtype(dtype):
         if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # diffusers ConfigMixin
-            model = cls.from_config(config)
+            model = cls.from_config(config, **dict(overrides or {}))
         else:
             import transformers
 

@@ -15,8 +15,9 @@ from .adapters import (ModelFamily, build_skeleton, default_dtype, family_of, fi
 from .checkpoint import Checkpoint
 from .conversions import sources_for
 from .header import TensorRecord
-from .errors import OtherOffloaderError, UnavailableDeviceError
+from .errors import OtherOffloaderError, UnavailableDeviceError, UnsupportedKeywordError
 from .io import IOConfig
+from .keywords import check_keywords, refuse_quantized_config
 from . import probe
 from .planner import PlanRequest, check_within_budget, make_plan, plan_builder
 from .plan import StreamPlan
@@ -35,7 +36,7 @@ class LazyStreamModel:
         keep_gpu: int | str,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | dict | None = None,
         subfolder: str | None = None,
         variant: str | None = None,
         revision: str | None = None,
@@ -50,20 +51,30 @@ class LazyStreamModel:
         max_gpu_memory: int | str | None = None,
         activation_reserve: int | str | None = None,
         load: bool = True,
+        **kwargs,
     ) -> nn.Module:
         """Load a transformers or diffusers model with ``keep_gpu`` blocks resident on
-        the device and every other block streamed from the safetensors shards.
+        the device and every other block streamed from the safetensors shards, as the
+        library's own ``from_pretrained`` loads it: a line from a model card works with
+        ``keep_gpu`` added.
+
+        A transformers model is built by transformers' own ``from_pretrained``, run on
+        data-less tensors that record where each byte comes from (see
+        :mod:`lazystream.library_load`): it resolves the dtype, the config and its keyword
+        overrides, ``_keep_in_fp32_modules``, tied weights, ignored keys, kernels and
+        ``generation_config`` exactly as it does for its own model.
 
         Args:
             repo_or_path: a local folder or a Hugging Face repo id.
             keep_gpu: blocks kept resident (int >= 0; more than the model has: all), or
                 "auto": as many as fit max_gpu_memory with the slots and activations.
             device: default CUDA when available, else CPU.
-            dtype: default the one the model's library chooses (transformers: the
-                config's dtype, else the checkpoint's first floating dtype other than
-                float8; diffusers: float32); tensors stored in another are cast as the
-                library's own loader would (keep-in-fp32 modules stay float32), on the
-                device: float8 weights stream as float8 bytes.
+            dtype: as the library's ``dtype`` (or ``torch_dtype``): transformers takes a
+                torch.dtype, "auto" (its default), a string such as "bfloat16" or a dict
+                per sub-config; diffusers a torch.dtype (default float32). Tensors stored
+                in another dtype are cast as the library's own loader would
+                (keep-in-fp32 modules stay float32), on the device: float8 weights
+                stream as float8 bytes.
             subfolder, variant, revision, cache_dir, local_files_only, token: as in
                 ``from_pretrained`` of transformers and diffusers.
             model_cls: the class to build, e.g. a subclass; default the config's.
@@ -79,14 +90,24 @@ class LazyStreamModel:
                 default measured on the first call (until then 10% of the budget).
             load: fill the resident set now (default); else at the first call or
                 ``streamer_of(model).load()`` — for components that run later.
+            kwargs: the other keywords of the library's ``from_pretrained``
+                (``torch_dtype``, ``attn_implementation``, ``generation_config``,
+                ``output_loading_info``, config overrides, ...), honoured as the library
+                honours them; those lazystream cannot honour (``device_map``,
+                ``quantization_config``, ...) are refused by name, see
+                :data:`lazystream.keywords.REFUSED`.
 
         Returns:
-            An instance of the model's own class. ``lazystream.streamer_of(model)`` gives
-            its controller (plan, stats, load/unload, session, close).
+            An instance of the model's own class (with ``output_loading_info=True``,
+            transformers': ``(model, loading_info)``). ``lazystream.streamer_of(model)``
+            gives its controller (plan, stats, load/unload, session, close).
 
         Raises:
             ValueError: bad keep_gpu, placement, prefetch or memory size (before
                 anything is read).
+            UnsupportedKeywordError: a keyword lazystream cannot honour (names it).
+            UnsupportedQuantizationError: the checkpoint's config or a keyword names a
+                quantization method lazystream does not stream (before anything is loaded).
             DeviceMemoryError: the plan does not fit the device (with the keep_gpu that would).
             LazyStreamError: the checkpoint cannot be found or is invalid; its subclasses
                 name the file and tensor.
@@ -96,13 +117,19 @@ class LazyStreamModel:
             >>> out = model.generate(input_ids.cuda(), max_new_tokens=32)
         """
         request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
+        check_keywords(kwargs, "LazyStreamModel.from_pretrained")
         ckpt = Checkpoint.open(repo_or_path, subfolder=subfolder, variant=variant, revision=revision,
                                cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         try:
             config = require_config(ckpt.config, ckpt.folder)
+            refuse_quantized_config(config, ckpt.folder / "config.json")
             cls = model_cls or model_class(config, ckpt.folder / "config.json")
+            if library_of(cls) == "transformers":
+                return _from_transformers(cls, ckpt, request, device=device, dtype=dtype, variant=variant,
+                                          blocks=blocks, io=io, load=load, kwargs=kwargs)
+            dtype, overrides = _diffusers_arguments(cls, dtype, kwargs)
             dtype = dtype or default_dtype(library_of(cls), config, ckpt)
-            model = build_skeleton(cls, config, dtype)
+            model = build_skeleton(cls, config, dtype, overrides)
             _attach(model, ckpt, request, device=device, dtype=dtype, blocks=blocks, io=io, owns_checkpoint=True,
                     built_here=True, load=load)
         except BaseException:
@@ -186,6 +213,50 @@ class LazyStreamModel:
             opened.checkpoint.close()
             raise
         return opened.model
+
+
+def _from_transformers(cls, ckpt: Checkpoint, request: PlanRequest, *, device, dtype, variant, blocks, io, load,
+                       kwargs: dict):
+    """transformers' from_pretrained builds the model (see load_transformers); it is then
+    attached with the sources and dtypes the library gave each tensor."""
+    from .library_load import load_transformers
+
+    kwargs = dict(kwargs)
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if variant is not None:
+        kwargs["variant"] = variant
+    loaded = load_transformers(cls, ckpt, resolve_device(device).type, kwargs)
+    _attach(loaded.model, ckpt, request, device=device, dtype=loaded.dtype, blocks=blocks, io=io,
+            owns_checkpoint=True, load=load, sources=loaded.sources, family=loaded.family)
+    return (loaded.model, loaded.loading_info) if output_loading_info else loaded.model
+
+
+def _diffusers_arguments(cls, dtype, kwargs: dict) -> tuple[torch.dtype | None, dict]:
+    """``dtype`` as diffusers' ModelMixin.from_pretrained resolves it (``dtype`` over
+    ``torch_dtype``; anything but a torch.dtype is float32, with the library's warning),
+    and the keywords it passes to ``from_config`` as config overrides."""
+    kwargs = dict(kwargs)
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    dtype = dtype if dtype is not None else torch_dtype
+    if kwargs.pop("output_loading_info", False):
+        raise UnsupportedKeywordError(
+            f"LazyStreamModel.from_pretrained: output_loading_info=True is not supported for diffusers' "
+            f"{cls.__name__}: lazystream refuses missing or mismatched tensors and warns of unused ones instead")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        import warnings
+
+        warnings.warn(f"Passed `torch_dtype` {dtype} is not a `torch.dtype`. Defaulting to `torch.float32` "
+                      "(as diffusers does).", stacklevel=3)
+        dtype = torch.float32
+    from .keywords import library_keywords
+    from diffusers import ModelMixin
+
+    # What ModelMixin.from_pretrained takes for itself is handled above or by check_keywords;
+    # the rest goes to from_config, as the library passes it.
+    own = set(library_keywords(ModelMixin.from_pretrained))
+    return dtype, {k: v for k, v in kwargs.items() if k not in own}
 
 
 def attach(
