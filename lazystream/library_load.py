@@ -98,7 +98,8 @@ def _install_hook() -> None:
             info, offload = original.__func__(model, dict(loading.traced), checkpoint_files, load_config,
                                               expected_keys)
             if info.mismatched_keys:
-                name, stored, expected = sorted(info.mismatched_keys, key=str)[0]
+                order = {n: i for i, n in enumerate(model.state_dict())}  # the first in the model's order
+                name, stored, expected = min(info.mismatched_keys, key=lambda m: order.get(m[0], len(order)))
                 rec = _record_named(ckpt, name)
                 raise ShapeMismatchError(
                     f"{rec.file if rec else ckpt.folder}: tensor {name!r} has shape {list(stored)}, but the model's "
