@@ -155,7 +155,6 @@ def _take_sources(model: nn.Module, loading: _Loading, info: dict) -> LibraryMod
         raise unsupported_conversion(model, failed)
     traced = loading.traced or {}
     unused = sorted(n for n, t in traced.items() if t.read and n not in used)
-    skipped = sorted(n for n, t in traced.items() if not t.read)
     if unused:
         raise UnusedTensorsError(
             f"{ckpt.folder}: transformers loads {len(unused)} checkpoint tensor(s) into {type(model).__name__} that "
@@ -163,7 +162,8 @@ def _take_sources(model: nn.Module, loading: _Loading, info: dict) -> LibraryMod
             + "; the streamed model would differ from the library's. Load it without lazystream",
             path=ckpt.folder, tensor=unused[0])
     dtype = getattr(model.config, "dtype", None) or torch.get_default_dtype()
-    return LibraryModel(model, SourceMap(sources, skipped),
+    # What the library reports as unexpected (after its ignore lists) is reported the same way.
+    return LibraryModel(model, SourceMap(sources, sorted(info.get("unexpected_keys") or ())),
                         ModelFamily("transformers", (), declared), dtype, info)
 
 

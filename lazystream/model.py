@@ -146,7 +146,7 @@ class LazyStreamModel:
         subfolder: str | None = None,
         model_cls: type[nn.Module] | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         revision: str | None = None,
         config_revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -176,14 +176,17 @@ class LazyStreamModel:
                 at the class's default subfolder (needs ``model_cls``).
             subfolder: the config's subfolder in ``config``.
             model_cls: the diffusers class; default the one the config names.
-            dtype: as diffusers' from_single_file: default float32; otherwise every
-                floating tensor in dtype (its final ``.to(dtype)`` includes keep-in-fp32
-                modules), cast on the device.
+            dtype: as diffusers' from_single_file (``torch_dtype=`` too, ``dtype`` first):
+                default float32; otherwise every floating tensor in dtype (its final
+                ``.to(dtype)`` includes keep-in-fp32 modules), cast on the device;
+                anything but a torch.dtype is float32, with diffusers' warning.
             revision: the file's revision on the hub; ``config_revision``: the config's.
             device, cache_dir, local_files_only, token, blocks, placement, prefetch, io,
                 max_gpu_memory, activation_reserve, load: as in :meth:`from_pretrained`.
             kwargs: keyword arguments of diffusers' from_single_file: the conversion
-                function's, and model config values.
+                function's, and model config values; those lazystream cannot honour
+                (``device_map``, ``quantization_config``, ``original_config``, ...) are
+                refused by name.
 
         Returns:
             An instance of the model's class; ``lazystream.streamer_of(model)`` controls it.
@@ -203,6 +206,8 @@ class LazyStreamModel:
         from .single_file import open_single_file
 
         request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
+        check_keywords(kwargs, "LazyStreamModel.from_single_file")
+        dtype = _diffusers_dtype(dtype, kwargs.pop("torch_dtype", None))
         opened = open_single_file(path_or_repo_file, config=config, subfolder=subfolder, model_cls=model_cls,
                                   dtype=dtype, revision=revision, config_revision=config_revision,
                                   cache_dir=cache_dir, local_files_only=local_files_only, token=token, **kwargs)
@@ -238,18 +243,11 @@ def _diffusers_arguments(cls, dtype, kwargs: dict) -> tuple[torch.dtype | None, 
     ``torch_dtype``; anything but a torch.dtype is float32, with the library's warning),
     and the keywords it passes to ``from_config`` as config overrides."""
     kwargs = dict(kwargs)
-    torch_dtype = kwargs.pop("torch_dtype", None)
-    dtype = dtype if dtype is not None else torch_dtype
+    dtype = _diffusers_dtype(dtype, kwargs.pop("torch_dtype", None))
     if kwargs.pop("output_loading_info", False):
         raise UnsupportedKeywordError(
             f"LazyStreamModel.from_pretrained: output_loading_info=True is not supported for diffusers' "
             f"{cls.__name__}: lazystream refuses missing or mismatched tensors and warns of unused ones instead")
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        import warnings
-
-        warnings.warn(f"Passed `torch_dtype` {dtype} is not a `torch.dtype`. Defaulting to `torch.float32` "
-                      "(as diffusers does).", stacklevel=3)
-        dtype = torch.float32
     from .keywords import library_keywords
     from diffusers import ModelMixin
 
@@ -257,6 +255,19 @@ def _diffusers_arguments(cls, dtype, kwargs: dict) -> tuple[torch.dtype | None, 
     # the rest goes to from_config, as the library passes it.
     own = set(library_keywords(ModelMixin.from_pretrained))
     return dtype, {k: v for k, v in kwargs.items() if k not in own}
+
+
+def _diffusers_dtype(dtype, torch_dtype) -> torch.dtype | None:
+    """As diffusers' from_pretrained and from_single_file: ``dtype`` over ``torch_dtype``;
+    anything but a torch.dtype is float32, with the library's warning."""
+    dtype = dtype if dtype is not None else torch_dtype
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        import warnings
+
+        warnings.warn(f"Passed `torch_dtype` {dtype} is not a `torch.dtype`. Defaulting to `torch.float32` "
+                      "(as diffusers does).", stacklevel=4)
+        dtype = torch.float32
+    return dtype
 
 
 def attach(
