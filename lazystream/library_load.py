@@ -69,7 +69,10 @@ def load_transformers(cls: type[nn.Module], ckpt: Checkpoint, device_type: str, 
     loading = _Loading(ckpt, device_type)
     token = _loading.set(loading)
     try:
-        model, info = cls.from_pretrained(str(ckpt.folder), **kwargs, output_loading_info=True)
+        # Outside inference mode: a traced tensor made in it could not be wrapped as a
+        # Parameter (torch cannot set the version counter of an inference tensor).
+        with torch.inference_mode(False):
+            model, info = cls.from_pretrained(str(ckpt.folder), **kwargs, output_loading_info=True)
     finally:
         _loading.reset(token)
     return _take_sources(model, loading, info)

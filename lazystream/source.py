@@ -193,7 +193,8 @@ class Traced(torch.Tensor):
             t.read = True
         names = tuple(dict.fromkeys(n for t in traced for n in t.stored_names))
         metas = _pytree.tree_map_only(torch.Tensor, _meta_of, (args, kwargs))
-        if "device" in metas[1]:  # a loader's move to its device: the value stays data-less, on meta
+        moved = "device" in metas[1]
+        if moved:  # a loader's move to its device: the value stays data-less, on meta
             metas = (metas[0], {**metas[1], "device": torch.device("meta")})
         out = func(*metas[0], **metas[1])  # shapes and dtypes as the op gives them
         written = _written(func, args, kwargs)
@@ -206,7 +207,7 @@ class Traced(torch.Tensor):
         poisoned = next((t.poison for t in traced if t.poison), None)
         if poisoned is None:
             try:
-                layouts, view_of = _trace(func, args, kwargs, metas, out)
+                layouts, view_of = _trace(func, args, kwargs, metas, out, moved)
             except ConversionNotStreamableError as exc:
                 poisoned = str(exc)
         stored = traced[0].stored_dtype
@@ -267,10 +268,14 @@ _SAME = {"lift_fresh", "detach", "alias", "_unsafe_view", "view", "reshape", "_r
 _JOINS = {"cat", "stack"}
 
 
-def _trace(func, args, kwargs, metas, out) -> tuple[list[_Layout], Traced | None]:
+def _trace(func, args, kwargs, metas, out, moved: bool = False) -> tuple[list[_Layout], Traced | None]:
     """The layout of each tensor ``func`` returns, in pytree order, and the tensor they
-    are views of (None: new tensors)."""
+    are views of (None: new tensors). ``moved``: a loader's ``.to(device, dtype)`` of a
+    stored tensor, which stays the mapped tensor where nothing changes; the streamer
+    makes any cast itself, so it is not a new tensor either."""
     name = func.overloadpacket.__name__
+    if moved and name == "_to_copy":
+        name = "alias"
     tensors = [a for a in _pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
     if any(not isinstance(t, Traced) for t in tensors):
         raise ConversionNotStreamableError(f"{name} mixes it with a tensor the checkpoint does not hold")
