@@ -35,6 +35,7 @@ REFUSED: dict[str, str] = {
     "use_flashpack": "lazystream streams safetensors checkpoints",
     "flashpack_kwargs": "lazystream streams safetensors checkpoints",
     "original_config": "pass config= (a diffusers config folder or repo) instead of an original (LDM) config",
+    "pretrained_model_link_or_path": "pass the file (or its URL) as the first argument",
 }
 
 # Values that change nothing: a refused keyword set to one of them is accepted.
@@ -44,6 +45,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tp_size": (None,), "device_mesh": (None,), "distributed_config": (None,), "parallel_config": (None,),
     "adapter_kwargs": (None, {}), "adapter_name": (None, "default"), "use_flashpack": (None, False),
     "flashpack_kwargs": (None, {}), "original_config": (None,),
+    "pretrained_model_link_or_path": (None,),
 }
 
 # Keywords whose values lazystream can honour only in part.
@@ -64,7 +66,8 @@ def library_keywords(func: Callable) -> list[str]:
     installed source."""
     func = inspect.unwrap(getattr(func, "__func__", func))
     params = inspect.signature(func).parameters
-    names = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    # Past ``cls`` and the checkpoint's path (passed first, by position).
+    names = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
     try:
         source = inspect.getsource(func)
     except (OSError, TypeError):
