@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import (ModelFamily, build_skeleton, default_dtype, family_of, find_blocks, library_of, model_class,
-                       require_config)
+from .adapters import (ModelFamily, build_skeleton, default_dtype, family_of, find_blocks, library_dtype, library_of,
+                       model_class, require_config)
 from .checkpoint import Checkpoint
 from .conversions import sources_for
 from .header import TensorRecord
@@ -276,7 +276,7 @@ def attach(
     keep_gpu: int | str,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     blocks: str | Sequence[str] | None = None,
     placement: str = "spread",
     prefetch: int = 2,
@@ -290,7 +290,9 @@ def attach(
     checkpoint are dropped from host memory; the others (and buffers) stay resident.
 
     Arguments as in :meth:`LazyStreamModel.from_pretrained`; ``resolve_kwargs`` are
-    subfolder, variant, revision, cache_dir, token, local_files_only.
+    subfolder, variant, revision, cache_dir, token, local_files_only. ``dtype`` (default
+    the library's: transformers "auto") is resolved by the library's own rules
+    (:func:`lazystream.adapters.library_dtype`).
 
     Returns:
         ``model`` itself.
@@ -299,9 +301,10 @@ def attach(
     owns = not isinstance(repo_or_path, Checkpoint)
     ckpt = Checkpoint.open(repo_or_path, **resolve_kwargs) if owns else repo_or_path
     try:
-        _attach(model, ckpt, request, device=device, dtype=dtype or default_dtype(library_of(model), ckpt.config, ckpt),
-                blocks=blocks, io=io,
-                owns_checkpoint=owns)
+        if ckpt.config is not None:
+            refuse_quantized_config(ckpt.config, ckpt.folder / "config.json")
+        _attach(model, ckpt, request, device=device, dtype=library_dtype(library_of(model), dtype, ckpt.config, ckpt),
+                blocks=blocks, io=io, owns_checkpoint=owns)
     except BaseException:
         if owns:
             ckpt.close()

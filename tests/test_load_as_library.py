@@ -105,12 +105,9 @@ def test_generation_config_json_is_read_and_generate_matches(tmp_path):
 
 def test_keep_in_fp32_modules_as_transformers(tmp_path):
     """T5 keeps its ``wo`` projections in float32 when loaded in float16."""
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
-    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                      decoder_start_token_id=0)
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5", max_shard_size="20KB")
+    _tiny_t5(tmp_path / "t5")
     ref = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", dtype=torch.float16)
     model = LazyStreamModel.from_pretrained(tmp_path / "t5", 1, device="cpu", dtype=torch.float16)
     wo = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
@@ -203,3 +200,44 @@ def test_keywords_lazystream_cannot_honour_are_refused_by_name(qwen3_bf16, kwarg
     with pytest.raises(UnsupportedKeywordError, match=rf"{name}=.*not supported by lazystream.*{hint}") as err:
         LazyStreamModel.from_pretrained(qwen3_bf16, 1, device="cpu", **kwargs)
     assert isinstance(err.value, (LazyStreamError, TypeError))
+
+
+def _tiny_t5(path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      decoder_start_token_id=0)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(path, max_shard_size="20KB")
+    return config
+
+
+def test_attach_resolves_dtype_and_keep_in_fp32_by_the_librarys_rules(tmp_path, qwen3_bf16):
+    from accelerate import init_empty_weights
+    from transformers import T5ForConditionalGeneration
+
+    from lazystream import attach
+
+    config = _tiny_t5(tmp_path / "t5")
+    ref = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", dtype=torch.float16)
+    with init_empty_weights():
+        built = T5ForConditionalGeneration(config)
+    built.tie_weights()  # accelerate re-wraps each parameter made in the context, untying them
+    built.eval()
+    model = attach(built, tmp_path / "t5", 1, device="cpu", dtype=torch.float16)
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in ref.named_parameters()}
+    assert torch.float32 in {p.dtype for p in model.parameters()}  # the wo projections: not all float16
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits,
+                           ref(input_ids=ids, decoder_input_ids=ids).logits)
+    streamer_of(model).close()
+    # "auto" and strings, as transformers resolves them: the checkpoint's bfloat16 here.
+    ref = Qwen3ForCausalLM.from_pretrained(qwen3_bf16)
+    for dtype in ("auto", None, "bfloat16"):
+        with init_empty_weights(include_buffers=False):
+            built = Qwen3ForCausalLM(ref.config)
+        model = attach(built, qwen3_bf16, 1, device="cpu", dtype=dtype)
+        assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert torch.equal(_logits(model), _logits(ref))
+        streamer_of(model).close()

@@ -144,3 +144,16 @@ def test_a_quantization_config_keyword_of_from_single_file_is_refused(tmp_path):
                                                            r"'gguf' is not streamed"):
         LazyStreamModel.from_single_file(tmp_path / "any.safetensors", 1,
                                          quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
+
+
+def test_attach_refuses_a_quantized_checkpoint(qwen3, tmp_path):
+    from accelerate import init_empty_weights
+
+    from lazystream import attach
+
+    _write_fp8_checkpoint(qwen3, tmp_path / "fp8")
+    config = Qwen3ForCausalLM.config_class.from_pretrained(qwen3)
+    with init_empty_weights():
+        model = Qwen3ForCausalLM(config)
+    with pytest.raises(UnsupportedQuantizationError, match=r"'fp8' is not streamed"):
+        attach(model, tmp_path / "fp8", 1, device="cpu")
