@@ -125,11 +125,13 @@ class LazyStreamModel:
             refuse_quantized_config(config, ckpt.folder / "config.json")
             cls = model_cls or model_class(config, ckpt.folder / "config.json")
             if library_of(cls) == "transformers":
-                return _from_transformers(cls, ckpt, request, device=device, dtype=dtype, variant=variant,
-                                          blocks=blocks, io=io, load=load, kwargs=kwargs)
+                return _from_transformers(cls, ckpt, request, repo_or_path, device=device, dtype=dtype,
+                                          variant=variant, blocks=blocks, io=io, load=load, kwargs=kwargs)
             dtype, overrides = _diffusers_arguments(cls, dtype, kwargs)
             dtype = dtype or default_dtype(library_of(cls), config, ckpt)
             model = build_skeleton(cls, config, dtype, overrides)
+            if hasattr(model, "register_to_config"):  # as diffusers' from_pretrained records it
+                model.register_to_config(_name_or_path=repo_or_path)
             _attach(model, ckpt, request, device=device, dtype=dtype, blocks=blocks, io=io, owns_checkpoint=True,
                     built_here=True, load=load)
         except BaseException:
@@ -220,8 +222,8 @@ class LazyStreamModel:
         return opened.model
 
 
-def _from_transformers(cls, ckpt: Checkpoint, request: PlanRequest, *, device, dtype, variant, blocks, io, load,
-                       kwargs: dict):
+def _from_transformers(cls, ckpt: Checkpoint, request: PlanRequest, repo_or_path, *, device, dtype, variant, blocks,
+                       io, load, kwargs: dict):
     """transformers' from_pretrained builds the model (see load_transformers); it is then
     attached with the sources and dtypes the library gave each tensor."""
     from .library_load import load_transformers
@@ -233,6 +235,8 @@ def _from_transformers(cls, ckpt: Checkpoint, request: PlanRequest, *, device, d
     if variant is not None:
         kwargs["variant"] = variant
     loaded = load_transformers(cls, ckpt, resolve_device(device).type, kwargs)
+    # The library names the model by what it was given (a repo id), not by the snapshot folder.
+    loaded.model.config.name_or_path = os.fspath(repo_or_path)
     _attach(loaded.model, ckpt, request, device=device, dtype=loaded.dtype, blocks=blocks, io=io,
             owns_checkpoint=True, load=load, sources=loaded.sources, family=loaded.family)
     return (loaded.model, loaded.loading_info) if output_loading_info else loaded.model

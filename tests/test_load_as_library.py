@@ -241,3 +241,63 @@ def test_attach_resolves_dtype_and_keep_in_fp32_by_the_librarys_rules(tmp_path, 
         assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
         assert torch.equal(_logits(model), _logits(ref))
         streamer_of(model).close()
+
+
+# -- diffusers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zimage(tmp_path_factory):
+    from lazystream.synthetic import build_zimage
+
+    return build_zimage(tmp_path_factory.mktemp("z") / "z", max_shard_size="200KB")
+
+
+def _zimage_out(model):
+    from lazystream.synthetic import zimage_config, zimage_inputs
+
+    x, t, cap = zimage_inputs(zimage_config("tiny"), sizes=((8, 8),), cap_lens=(7,))
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    with torch.no_grad():
+        return torch.cat([s.flatten() for s in model([v.to(dtype) for v in x], t, [c.to(dtype) for c in cap])[0]])
+
+
+@pytest.mark.parametrize("kwargs", [{"torch_dtype": torch.bfloat16}, {"dtype": torch.bfloat16},
+                                    {"dtype": torch.float32, "torch_dtype": torch.bfloat16},
+                                    {"rope_theta": 32.0}],
+                         ids=["torch_dtype", "dtype", "dtype-over-torch_dtype", "config-override"])
+def test_diffusers_keywords_as_diffusers_applies_them(zimage, kwargs):
+    from diffusers import ZImageTransformer2DModel
+
+    ref = ZImageTransformer2DModel.from_pretrained(zimage, **kwargs).eval()
+    model = LazyStreamModel.from_pretrained(zimage, 1, device="cpu", **kwargs)
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in ref.named_parameters()}
+    assert dict(model.config) == dict(ref.config)
+    assert torch.equal(_zimage_out(model), _zimage_out(ref))
+    streamer_of(model).close()
+
+
+def test_diffusers_string_dtype_is_float32_with_the_librarys_warning(zimage):
+    """diffusers takes only a torch.dtype: anything else loads float32, with a warning."""
+    from diffusers import ZImageTransformer2DModel
+
+    ref = ZImageTransformer2DModel.from_pretrained(zimage, torch_dtype="bfloat16")
+    with pytest.warns(UserWarning, match="is not a `torch.dtype`. Defaulting to `torch.float32`"):
+        model = LazyStreamModel.from_pretrained(zimage, 1, device="cpu", torch_dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {p.dtype for p in ref.parameters()} == {torch.float32}
+    streamer_of(model).close()
+
+
+def test_from_single_file_takes_torch_dtype_as_diffusers_does(tmp_path):
+    from diffusers import ZImageTransformer2DModel
+
+    from lazystream.synthetic.single_file import build_zimage_single_file
+
+    file = build_zimage_single_file(tmp_path / "z.safetensors", config_folder=tmp_path / "transformer")
+    kwargs = {"config": str(tmp_path), "subfolder": "transformer", "torch_dtype": torch.bfloat16}
+    ref = ZImageTransformer2DModel.from_single_file(str(file), **kwargs).eval()
+    model = LazyStreamModel.from_single_file(file, 1, device="cpu", **kwargs)
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in ref.named_parameters()}
+    assert torch.bfloat16 in {p.dtype for p in model.parameters()}  # the keyword took effect
+    assert torch.equal(_zimage_out(model), _zimage_out(ref))
+    streamer_of(model).close()
