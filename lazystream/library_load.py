@@ -23,7 +23,7 @@ from torch import nn
 
 from .adapters import ModelFamily
 from .checkpoint import Checkpoint
-from .errors import MissingTensorsError, ShapeMismatchError, UnusedTensorsError
+from .errors import MissingTensorsError, ShapeMismatchError, UnsupportedOperationError, UnusedTensorsError
 from .source import ConversionNotStreamableError, SourceMap, Traced, source_of, trace
 
 
@@ -75,6 +75,10 @@ def load_transformers(cls: type[nn.Module], ckpt: Checkpoint, device_type: str, 
             model, info = cls.from_pretrained(str(ckpt.folder), **kwargs, output_loading_info=True)
     finally:
         _loading.reset(token)
+    if loading.traced is None:  # the class loads its weights by a path of its own: they are in RAM now
+        raise UnsupportedOperationError(
+            f"{cls.__name__} overrides transformers' _load_pretrained_model, so lazystream cannot supply its "
+            "weights as byte runs of the checkpoint; build the model yourself and use lazystream.attach")
     return _take_sources(model, loading, info)
 
 

@@ -301,3 +301,20 @@ def test_from_single_file_takes_torch_dtype_as_diffusers_does(tmp_path):
     assert torch.bfloat16 in {p.dtype for p in model.parameters()}  # the keyword took effect
     assert torch.equal(_zimage_out(model), _zimage_out(ref))
     streamer_of(model).close()
+
+
+def test_a_class_that_loads_by_its_own_path_is_refused(qwen3_bf16):
+    from lazystream.errors import UnsupportedOperationError
+
+    from lazystream.library_load import _patched
+
+    streamer_of(LazyStreamModel.from_pretrained(qwen3_bf16, 1, device="cpu", load=False)).close()  # hook installed
+    library_code = _patched["_load_pretrained_model"].__func__  # transformers' own, as a copy of it would be
+
+    class OwnLoader(Qwen3ForCausalLM):
+        @staticmethod
+        def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+            return library_code(model, state_dict, checkpoint_files, load_config, expected_keys)
+
+    with pytest.raises(UnsupportedOperationError, match="overrides transformers' _load_pretrained_model"):
+        LazyStreamModel.from_pretrained(qwen3_bf16, 1, device="cpu", model_cls=OwnLoader)
