@@ -1,4 +1,4 @@
-"""transformers' own ``from_pretrained`` run on data-less tensors.
+"""transformers' own ``from_pretrained`` run on data-less tensors; diffusers' keyword rules.
 
 The library resolves the config and its keyword overrides, the dtype (``"auto"``,
 strings, ``torch_dtype``), ``_keep_in_fp32_modules``, its conversion mapping, tied
@@ -23,7 +23,9 @@ from torch import nn
 
 from .adapters import ModelFamily
 from .checkpoint import Checkpoint
-from .errors import MissingTensorsError, ShapeMismatchError, UnsupportedOperationError, UnusedTensorsError
+from .errors import (MissingTensorsError, ShapeMismatchError, UnsupportedKeywordError, UnsupportedOperationError,
+                     UnusedTensorsError)
+from .keywords import library_keywords
 from .source import ConversionNotStreamableError, SourceMap, Traced, source_of, trace
 
 
@@ -179,3 +181,37 @@ def _stand_in(t: Traced, parameter: bool) -> torch.Tensor:
         return nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
                             requires_grad=t.requires_grad and t.dtype.is_floating_point)
     return torch.empty(t.shape, dtype=t.dtype)
+
+
+# -- diffusers: the rules ModelMixin.from_pretrained applies to its keywords -------------------
+
+
+def diffusers_arguments(cls, dtype, kwargs: dict) -> tuple[torch.dtype | None, dict]:
+    """``dtype`` as diffusers' ModelMixin.from_pretrained resolves it (``dtype`` over
+    ``torch_dtype``; anything but a torch.dtype is float32, with the library's warning),
+    and the keywords it passes to ``from_config`` as config overrides."""
+    kwargs = dict(kwargs)
+    dtype = diffusers_dtype(dtype, kwargs.pop("torch_dtype", None))
+    if kwargs.pop("output_loading_info", False):
+        raise UnsupportedKeywordError(
+            f"LazyStreamModel.from_pretrained: output_loading_info=True is not supported for diffusers' "
+            f"{cls.__name__}: lazystream refuses missing or mismatched tensors and warns of unused ones instead")
+    from diffusers import ModelMixin
+
+    # What ModelMixin.from_pretrained takes for itself is handled above or by check_keywords;
+    # the rest goes to from_config, as the library passes it.
+    own = set(library_keywords(ModelMixin.from_pretrained))
+    return dtype, {k: v for k, v in kwargs.items() if k not in own}
+
+
+def diffusers_dtype(dtype, torch_dtype) -> torch.dtype | None:
+    """As diffusers' from_pretrained and from_single_file: ``dtype`` over ``torch_dtype``;
+    anything but a torch.dtype is float32, with the library's warning."""
+    dtype = dtype if dtype is not None else torch_dtype
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        import warnings
+
+        warnings.warn(f"Passed `torch_dtype` {dtype} is not a `torch.dtype`. Defaulting to `torch.float32` "
+                      "(as diffusers does).", stacklevel=4)
+        dtype = torch.float32
+    return dtype

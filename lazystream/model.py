@@ -15,9 +15,10 @@ from .adapters import (ModelFamily, build_skeleton, default_dtype, family_of, fi
 from .checkpoint import Checkpoint
 from .conversions import sources_for
 from .header import TensorRecord
-from .errors import OtherOffloaderError, UnavailableDeviceError, UnsupportedKeywordError
+from .errors import OtherOffloaderError, UnavailableDeviceError
 from .io import IOConfig
 from .keywords import check_keywords, refuse_quantized_config
+from .library_load import diffusers_arguments, diffusers_dtype, load_transformers
 from . import probe
 from .planner import PlanRequest, check_within_budget, make_plan, plan_builder
 from .plan import StreamPlan
@@ -127,7 +128,7 @@ class LazyStreamModel:
             if library_of(cls) == "transformers":
                 return _from_transformers(cls, ckpt, request, repo_or_path, device=device, dtype=dtype,
                                           variant=variant, blocks=blocks, io=io, load=load, kwargs=kwargs)
-            dtype, overrides = _diffusers_arguments(cls, dtype, kwargs)
+            dtype, overrides = diffusers_arguments(cls, dtype, kwargs)
             dtype = dtype or default_dtype(library_of(cls), config, ckpt)
             model = build_skeleton(cls, config, dtype, overrides)
             if hasattr(model, "register_to_config"):  # as diffusers' from_pretrained records it
@@ -209,7 +210,7 @@ class LazyStreamModel:
 
         request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
         check_keywords(kwargs, "LazyStreamModel.from_single_file")
-        dtype = _diffusers_dtype(dtype, kwargs.pop("torch_dtype", None))
+        dtype = diffusers_dtype(dtype, kwargs.pop("torch_dtype", None))
         opened = open_single_file(path_or_repo_file, config=config, subfolder=subfolder, model_cls=model_cls,
                                   dtype=dtype, revision=revision, config_revision=config_revision,
                                   cache_dir=cache_dir, local_files_only=local_files_only, token=token, **kwargs)
@@ -226,8 +227,6 @@ def _from_transformers(cls, ckpt: Checkpoint, request: PlanRequest, repo_or_path
                        io, load, kwargs: dict):
     """transformers' from_pretrained builds the model (see load_transformers); it is then
     attached with the sources and dtypes the library gave each tensor."""
-    from .library_load import load_transformers
-
     kwargs = dict(kwargs)
     output_loading_info = kwargs.pop("output_loading_info", False)
     if dtype is not None:
@@ -240,38 +239,6 @@ def _from_transformers(cls, ckpt: Checkpoint, request: PlanRequest, repo_or_path
     _attach(loaded.model, ckpt, request, device=device, dtype=loaded.dtype, blocks=blocks, io=io,
             owns_checkpoint=True, load=load, sources=loaded.sources, family=loaded.family)
     return (loaded.model, loaded.loading_info) if output_loading_info else loaded.model
-
-
-def _diffusers_arguments(cls, dtype, kwargs: dict) -> tuple[torch.dtype | None, dict]:
-    """``dtype`` as diffusers' ModelMixin.from_pretrained resolves it (``dtype`` over
-    ``torch_dtype``; anything but a torch.dtype is float32, with the library's warning),
-    and the keywords it passes to ``from_config`` as config overrides."""
-    kwargs = dict(kwargs)
-    dtype = _diffusers_dtype(dtype, kwargs.pop("torch_dtype", None))
-    if kwargs.pop("output_loading_info", False):
-        raise UnsupportedKeywordError(
-            f"LazyStreamModel.from_pretrained: output_loading_info=True is not supported for diffusers' "
-            f"{cls.__name__}: lazystream refuses missing or mismatched tensors and warns of unused ones instead")
-    from .keywords import library_keywords
-    from diffusers import ModelMixin
-
-    # What ModelMixin.from_pretrained takes for itself is handled above or by check_keywords;
-    # the rest goes to from_config, as the library passes it.
-    own = set(library_keywords(ModelMixin.from_pretrained))
-    return dtype, {k: v for k, v in kwargs.items() if k not in own}
-
-
-def _diffusers_dtype(dtype, torch_dtype) -> torch.dtype | None:
-    """As diffusers' from_pretrained and from_single_file: ``dtype`` over ``torch_dtype``;
-    anything but a torch.dtype is float32, with the library's warning."""
-    dtype = dtype if dtype is not None else torch_dtype
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        import warnings
-
-        warnings.warn(f"Passed `torch_dtype` {dtype} is not a `torch.dtype`. Defaulting to `torch.float32` "
-                      "(as diffusers does).", stacklevel=4)
-        dtype = torch.float32
-    return dtype
 
 
 def attach(
