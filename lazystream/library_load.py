@@ -13,6 +13,7 @@ in which dtype. Only the step that reads the shards is replaced (see
 from __future__ import annotations
 
 import contextvars
+import copy
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def _install_hook() -> None:
             loading.traced = {name: trace(rec) for name, rec in ckpt.items()}
             info, offload = original.__func__(model, dict(loading.traced), checkpoint_files, load_config,
                                               expected_keys)
+            _refuse_missing(model, info)  # before the library allocates and initializes them
             if info.mismatched_keys:
                 order = {n: i for i, n in enumerate(model.state_dict())}  # the first in the model's order
                 name, stored, expected = min(info.mismatched_keys, key=lambda m: order.get(m[0], len(order)))
@@ -120,6 +122,30 @@ def _install_hook() -> None:
         _patched["_load_pretrained_model"] = original
 
 
+def _refuse_missing(model: nn.Module, info) -> None:
+    """Raise MissingTensorsError where the library would initialize parameters at random,
+    before it does (at real size, that is the whole model in RAM): its missing keys, less
+    tied pairs of which one is stored, less those its own rules ignore."""
+    probe = copy.copy(info)
+    probe.missing_keys, probe.unexpected_keys = set(info.missing_keys), set(info.unexpected_keys)
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target not in probe.missing_keys or source not in probe.missing_keys:
+            probe.missing_keys -= {target, source}
+    model._adjust_missing_and_unexpected_keys(probe)
+    _raise_missing(model, probe.missing_keys)
+
+
+def _raise_missing(model: nn.Module, missing) -> None:
+    missing = sorted(missing or ())
+    if missing:
+        raise MissingTensorsError(
+            f"{len(missing)} tensor(s) of {type(model).__name__} are in no shard: {missing[:10]}"
+            + (" ..." if len(missing) > 10 else "")
+            + "; the checkpoint is incomplete or for another model (the library would initialize them at random)",
+            tensor=missing[0],
+        )
+
+
 def _record_named(ckpt: Checkpoint, name: str):
     return ckpt.get(name) or next((r for n, r in ckpt.items() if name.endswith("." + n) or n.endswith("." + name)),
                                   None)
@@ -132,14 +158,7 @@ def _take_sources(model: nn.Module, loading: _Loading, info: dict) -> LibraryMod
     an error; one it never read (its unexpected keys, its ignore lists) is not loaded
     by the library either, and is reported as it reports it."""
     ckpt = loading.ckpt
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        raise MissingTensorsError(
-            f"{len(missing)} tensor(s) of {type(model).__name__} are in no shard: {missing[:10]}"
-            + (" ..." if len(missing) > 10 else "")
-            + "; the checkpoint is incomplete or for another model (the library would initialize them at random)",
-            tensor=missing[0],
-        )
+    _raise_missing(model, info.get("missing_keys"))
     sources, failed, replaced, used = {}, {}, {}, set()
     declared: dict[str, torch.dtype] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):

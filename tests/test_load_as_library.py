@@ -318,3 +318,27 @@ def test_a_class_that_loads_by_its_own_path_is_refused(qwen3_bf16):
 
     with pytest.raises(UnsupportedOperationError, match="overrides transformers' _load_pretrained_model"):
         LazyStreamModel.from_pretrained(qwen3_bf16, 1, device="cpu", model_cls=OwnLoader)
+
+
+def test_a_missing_tensor_is_refused_before_the_library_initializes_it(tmp_path, monkeypatch):
+    from transformers.modeling_utils import PreTrainedModel
+
+    from lazystream.errors import MissingTensorsError
+
+    path = build_qwen3(tmp_path / "q", max_shard_size="60KB")
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    shard = path / json.loads(index_path.read_text())["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    state = load_file(shard)
+    del state["model.layers.2.mlp.up_proj.weight"]
+    save_file(state, shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+    def initialized(*args, **kwargs):
+        raise AssertionError("the library was left to allocate and initialize the missing tensor")
+
+    monkeypatch.setattr(PreTrainedModel, "_move_missing_keys_from_meta_to_device", initialized)
+    with pytest.raises(MissingTensorsError, match=r"1 tensor\(s\) of Qwen3ForCausalLM are in no shard: "
+                                                  r"\['model.layers.2.mlp.up_proj.weight'\]"):
+        LazyStreamModel.from_pretrained(path, 1, device="cpu")
