@@ -83,15 +83,49 @@ def family_of(model: nn.Module, dtype: torch.dtype, *, built_here: bool = False)
     """
     library = library_of(model)
     keep: list[str] = []
-    if library == "transformers":
-        if dtype == torch.float16:
-            keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-        if dtype in (torch.float16, torch.bfloat16):
-            keep += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    elif library == "diffusers":
+    if library == "diffusers":
         keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     declared = {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)} if built_here else {}
+    if library == "transformers":
+        declared.update(_transformers_dtype_plan(model, dtype))
     return ModelFamily(library, tuple(keep), declared)
+
+
+def _transformers_dtype_plan(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The parameters transformers' loader gives another dtype than ``dtype`` (its keep-in-fp32
+    rules), by the model's own ``_get_dtype_plan`` matched as the loader matches it."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return {}
+    from transformers.core_model_loading import build_glob_alternation
+
+    alternation, by_group, _ = build_glob_alternation(list(plan))
+    forced = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        match = alternation.search(name)
+        if match is not None:
+            forced[name] = plan[by_group[match.lastgroup]]
+    return forced
+
+
+def library_dtype(library: str, dtype, config: Mapping | None, ckpt) -> torch.dtype:
+    """The dtype ``library``'s from_pretrained resolves ``dtype`` (None: its default) to for
+    the checkpoint ``ckpt``: transformers by its own ``_get_dtype`` ("auto", strings, dicts);
+    diffusers a torch.dtype as given, else its default."""
+    if library == "transformers" and config and "model_type" in config:
+        import json
+
+        import transformers
+        from transformers.modeling_utils import _get_dtype
+
+        cfg = transformers.AutoConfig.for_model(config["model_type"]).__class__.from_dict(dict(config))
+        index = getattr(getattr(ckpt, "files", None), "index", None)
+        metadata = dict(json.loads(index.read_text()).get("metadata") or {}) if index is not None else None
+        files = sorted(str(p) for p in ckpt.shard_paths)  # as transformers lists a sharded checkpoint's files
+        return _get_dtype("auto" if dtype is None else dtype, files, cfg, metadata, None, True)[1]
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return default_dtype(library, config, ckpt)
 
 
 def library_of(model: nn.Module | type[nn.Module]) -> str:
@@ -132,15 +166,17 @@ def _is_float8(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and dtype.itemsize == 1
 
 
-def build_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:
+def build_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype,
+                   overrides: Mapping | None = None) -> nn.Module:
     """Build ``cls`` from ``config`` as its library would at ``dtype``, parameters on meta.
+    ``overrides``: keywords diffusers' from_pretrained passes to ``from_config``.
 
     Buffers are created for real (on the CPU), so non-persistent ones such as rotary
     ``inv_freq`` hold their computed values, as after the library's own loader.
     """
     with _parameters_on_meta(), _default_dtype(dtype):
         if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # diffusers ConfigMixin
-            model = cls.from_config(config)
+            model = cls.from_config(config, **dict(overrides or {}))
         else:
             import transformers
 

@@ -95,13 +95,18 @@ def _sources(model: nn.Module, results: Mapping[str, object], unused: list[str])
         except ConversionNotStreamableError as exc:
             failed[name] = str(exc)
     if failed:
-        listed = "; ".join(f"{name}: {why}" for name, why in list(failed.items())[:5])
-        raise UnsupportedConversionError(
-            f"{type(model).__name__}: the library computes {len(failed)} tensor(s) from the checkpoint at load, which "
-            f"lazystream cannot stream as byte runs of the file ({listed}"
-            + (" ..." if len(failed) > 5 else "")
-            + "); save the model once with save_pretrained in a layout the library loads as is, or load it "
-            "without lazystream",
-            tensor=next(iter(failed)),
-        )
+        raise unsupported_conversion(model, failed)
     return SourceMap(sources, unused)
+
+
+def unsupported_conversion(model: nn.Module, failed: Mapping[str, str]) -> UnsupportedConversionError:
+    """The error for tensors (name -> why) the library computes at load."""
+    listed = "; ".join(f"{name}: {why}" for name, why in list(failed.items())[:5])
+    return UnsupportedConversionError(
+        f"{type(model).__name__}: the library computes {len(failed)} tensor(s) from the checkpoint at load, which "
+        f"lazystream cannot stream as byte runs of the file ({listed}"
+        + (" ..." if len(failed) > 5 else "")
+        + "); save the model once with save_pretrained in a layout the library loads as is, or load it "
+        "without lazystream",
+        tensor=next(iter(failed)),
+    )

@@ -10,13 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import (ModelFamily, build_skeleton, default_dtype, family_of, find_blocks, library_of, model_class,
-                       require_config)
+from .adapters import (ModelFamily, build_skeleton, default_dtype, family_of, find_blocks, library_dtype, library_of,
+                       model_class, require_config)
 from .checkpoint import Checkpoint
 from .conversions import sources_for
 from .header import TensorRecord
 from .errors import OtherOffloaderError, UnavailableDeviceError
 from .io import IOConfig
+from .keywords import check_keywords, refuse_quantized_config
+from .library_load import diffusers_arguments, diffusers_dtype, load_transformers
 from . import probe
 from .planner import PlanRequest, check_within_budget, make_plan, plan_builder
 from .plan import StreamPlan
@@ -35,7 +37,7 @@ class LazyStreamModel:
         keep_gpu: int | str,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | dict | None = None,
         subfolder: str | None = None,
         variant: str | None = None,
         revision: str | None = None,
@@ -50,20 +52,30 @@ class LazyStreamModel:
         max_gpu_memory: int | str | None = None,
         activation_reserve: int | str | None = None,
         load: bool = True,
+        **kwargs,
     ) -> nn.Module:
         """Load a transformers or diffusers model with ``keep_gpu`` blocks resident on
-        the device and every other block streamed from the safetensors shards.
+        the device and every other block streamed from the safetensors shards, as the
+        library's own ``from_pretrained`` loads it: a line from a model card works with
+        ``keep_gpu`` added.
+
+        A transformers model is built by transformers' own ``from_pretrained``, run on
+        data-less tensors that record where each byte comes from (see
+        :mod:`lazystream.library_load`): it resolves the dtype, the config and its keyword
+        overrides, ``_keep_in_fp32_modules``, tied weights, ignored keys, kernels and
+        ``generation_config`` exactly as it does for its own model.
 
         Args:
             repo_or_path: a local folder or a Hugging Face repo id.
             keep_gpu: blocks kept resident (int >= 0; more than the model has: all), or
                 "auto": as many as fit max_gpu_memory with the slots and activations.
             device: default CUDA when available, else CPU.
-            dtype: default the one the model's library chooses (transformers: the
-                config's dtype, else the checkpoint's first floating dtype other than
-                float8; diffusers: float32); tensors stored in another are cast as the
-                library's own loader would (keep-in-fp32 modules stay float32), on the
-                device: float8 weights stream as float8 bytes.
+            dtype: as the library's ``dtype`` (or ``torch_dtype``): transformers takes a
+                torch.dtype, "auto" (its default), a string such as "bfloat16" or a dict
+                per sub-config; diffusers a torch.dtype (default float32). Tensors stored
+                in another dtype are cast as the library's own loader would
+                (keep-in-fp32 modules stay float32), on the device: float8 weights
+                stream as float8 bytes.
             subfolder, variant, revision, cache_dir, local_files_only, token: as in
                 ``from_pretrained`` of transformers and diffusers.
             model_cls: the class to build, e.g. a subclass; default the config's.
@@ -79,14 +91,24 @@ class LazyStreamModel:
                 default measured on the first call (until then 10% of the budget).
             load: fill the resident set now (default); else at the first call or
                 ``streamer_of(model).load()`` — for components that run later.
+            kwargs: the other keywords of the library's ``from_pretrained``
+                (``torch_dtype``, ``attn_implementation``, ``generation_config``,
+                ``output_loading_info``, config overrides, ...), honoured as the library
+                honours them; those lazystream cannot honour (``device_map``,
+                ``quantization_config``, ...) are refused by name, see
+                :data:`lazystream.keywords.REFUSED`.
 
         Returns:
-            An instance of the model's own class. ``lazystream.streamer_of(model)`` gives
-            its controller (plan, stats, load/unload, session, close).
+            An instance of the model's own class (with ``output_loading_info=True``,
+            transformers': ``(model, loading_info)``). ``lazystream.streamer_of(model)``
+            gives its controller (plan, stats, load/unload, session, close).
 
         Raises:
             ValueError: bad keep_gpu, placement, prefetch or memory size (before
                 anything is read).
+            UnsupportedKeywordError: a keyword lazystream cannot honour (names it).
+            UnsupportedQuantizationError: the checkpoint's config or a keyword names a
+                quantization method lazystream does not stream (before anything is loaded).
             DeviceMemoryError: the plan does not fit the device (with the keep_gpu that would).
             LazyStreamError: the checkpoint cannot be found or is invalid; its subclasses
                 name the file and tensor.
@@ -96,13 +118,21 @@ class LazyStreamModel:
             >>> out = model.generate(input_ids.cuda(), max_new_tokens=32)
         """
         request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
+        check_keywords(kwargs, "LazyStreamModel.from_pretrained")
         ckpt = Checkpoint.open(repo_or_path, subfolder=subfolder, variant=variant, revision=revision,
                                cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         try:
             config = require_config(ckpt.config, ckpt.folder)
+            refuse_quantized_config(config, ckpt.folder / "config.json")
             cls = model_cls or model_class(config, ckpt.folder / "config.json")
+            if library_of(cls) == "transformers":
+                return _from_transformers(cls, ckpt, request, repo_or_path, device=device, dtype=dtype,
+                                          variant=variant, blocks=blocks, io=io, load=load, kwargs=kwargs)
+            dtype, overrides = diffusers_arguments(cls, dtype, kwargs)
             dtype = dtype or default_dtype(library_of(cls), config, ckpt)
-            model = build_skeleton(cls, config, dtype)
+            model = build_skeleton(cls, config, dtype, overrides)
+            if hasattr(model, "register_to_config"):  # as diffusers' from_pretrained records it
+                model.register_to_config(_name_or_path=repo_or_path)
             _attach(model, ckpt, request, device=device, dtype=dtype, blocks=blocks, io=io, owns_checkpoint=True,
                     built_here=True, load=load)
         except BaseException:
@@ -119,7 +149,7 @@ class LazyStreamModel:
         subfolder: str | None = None,
         model_cls: type[nn.Module] | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         revision: str | None = None,
         config_revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -149,14 +179,17 @@ class LazyStreamModel:
                 at the class's default subfolder (needs ``model_cls``).
             subfolder: the config's subfolder in ``config``.
             model_cls: the diffusers class; default the one the config names.
-            dtype: as diffusers' from_single_file: default float32; otherwise every
-                floating tensor in dtype (its final ``.to(dtype)`` includes keep-in-fp32
-                modules), cast on the device.
+            dtype: as diffusers' from_single_file (``torch_dtype=`` too, ``dtype`` first):
+                default float32; otherwise every floating tensor in dtype (its final
+                ``.to(dtype)`` includes keep-in-fp32 modules), cast on the device;
+                anything but a torch.dtype is float32, with diffusers' warning.
             revision: the file's revision on the hub; ``config_revision``: the config's.
             device, cache_dir, local_files_only, token, blocks, placement, prefetch, io,
                 max_gpu_memory, activation_reserve, load: as in :meth:`from_pretrained`.
             kwargs: keyword arguments of diffusers' from_single_file: the conversion
-                function's, and model config values.
+                function's, and model config values; those lazystream cannot honour
+                (``device_map``, ``quantization_config``, ``original_config``, ...) are
+                refused by name.
 
         Returns:
             An instance of the model's class; ``lazystream.streamer_of(model)`` controls it.
@@ -176,6 +209,8 @@ class LazyStreamModel:
         from .single_file import open_single_file
 
         request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
+        check_keywords(kwargs, "LazyStreamModel.from_single_file")
+        dtype = diffusers_dtype(dtype, kwargs.pop("torch_dtype", None))
         opened = open_single_file(path_or_repo_file, config=config, subfolder=subfolder, model_cls=model_cls,
                                   dtype=dtype, revision=revision, config_revision=config_revision,
                                   cache_dir=cache_dir, local_files_only=local_files_only, token=token, **kwargs)
@@ -188,13 +223,31 @@ class LazyStreamModel:
         return opened.model
 
 
+def _from_transformers(cls, ckpt: Checkpoint, request: PlanRequest, repo_or_path, *, device, dtype, variant, blocks,
+                       io, load, kwargs: dict):
+    """transformers' from_pretrained builds the model (see load_transformers); it is then
+    attached with the sources and dtypes the library gave each tensor."""
+    kwargs = dict(kwargs)
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if variant is not None:
+        kwargs["variant"] = variant
+    loaded = load_transformers(cls, ckpt, resolve_device(device).type, kwargs)
+    # The library names the model by what it was given (a repo id), not by the snapshot folder.
+    loaded.model.config.name_or_path = os.fspath(repo_or_path)
+    _attach(loaded.model, ckpt, request, device=device, dtype=loaded.dtype, blocks=blocks, io=io,
+            owns_checkpoint=True, load=load, sources=loaded.sources, family=loaded.family)
+    return (loaded.model, loaded.loading_info) if output_loading_info else loaded.model
+
+
 def attach(
     model: nn.Module,
     repo_or_path: str | os.PathLike | Checkpoint,
     keep_gpu: int | str,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     blocks: str | Sequence[str] | None = None,
     placement: str = "spread",
     prefetch: int = 2,
@@ -208,7 +261,9 @@ def attach(
     checkpoint are dropped from host memory; the others (and buffers) stay resident.
 
     Arguments as in :meth:`LazyStreamModel.from_pretrained`; ``resolve_kwargs`` are
-    subfolder, variant, revision, cache_dir, token, local_files_only.
+    subfolder, variant, revision, cache_dir, token, local_files_only. ``dtype`` (default
+    the library's: transformers "auto") is resolved by the library's own rules
+    (:func:`lazystream.adapters.library_dtype`).
 
     Returns:
         ``model`` itself.
@@ -217,9 +272,10 @@ def attach(
     owns = not isinstance(repo_or_path, Checkpoint)
     ckpt = Checkpoint.open(repo_or_path, **resolve_kwargs) if owns else repo_or_path
     try:
-        _attach(model, ckpt, request, device=device, dtype=dtype or default_dtype(library_of(model), ckpt.config, ckpt),
-                blocks=blocks, io=io,
-                owns_checkpoint=owns)
+        if ckpt.config is not None:
+            refuse_quantized_config(ckpt.config, ckpt.folder / "config.json")
+        _attach(model, ckpt, request, device=device, dtype=library_dtype(library_of(model), dtype, ckpt.config, ckpt),
+                blocks=blocks, io=io, owns_checkpoint=owns)
     except BaseException:
         if owns:
             ckpt.close()

@@ -198,7 +198,8 @@ def _resolve_hub(repo_id, subfolder, variant, revision, cache_dir, token, local_
         names = sorted(n[len(prefix):] for n in listed if n.startswith(prefix) and "/" not in n[len(prefix):])
         remote = select_weights(Path(prefix or "."), names, variant,
                                 subfolders=list if subfolder else lambda: weight_subfolders(listed))
-        wanted = [prefix + "config.json"] if "config.json" in names else []
+        # generation_config.json: transformers' from_pretrained reads it beside the config.
+        wanted = [prefix + n for n in ("config.json", "generation_config.json") if n in names]
         if remote.index is not None:
             index_name = prefix + remote.index.name
             index_path = Path(hf_hub_download(repo_id, index_name, revision=revision, cache_dir=cache_dir, token=token))

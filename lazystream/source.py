@@ -156,12 +156,14 @@ class Traced(torch.Tensor):
     stored_names: tuple[str, ...]
     reason: str | None
     base: Traced | None
+    read: bool  # an op ran on it: a loader took its value (one it skips is never touched)
 
     @staticmethod
     def __new__(cls, shape, dtype: torch.dtype, stored_dtype: torch.dtype, layout: _Layout | None,
                 names: tuple[str, ...], reason: str | None = None, base: Traced | None = None):
         t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=torch.device("meta"))
         t.byte_layout, t.stored_dtype, t.stored_names, t.reason, t.base = layout, stored_dtype, names, reason, base
+        t.read = False
         return t
 
     @property
@@ -187,8 +189,13 @@ class Traced(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         traced = [a for a in _pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
+        for t in traced:
+            t.read = True
         names = tuple(dict.fromkeys(n for t in traced for n in t.stored_names))
         metas = _pytree.tree_map_only(torch.Tensor, _meta_of, (args, kwargs))
+        moved = "device" in metas[1]
+        if moved:  # a loader's move to its device: the value stays data-less, on meta
+            metas = (metas[0], {**metas[1], "device": torch.device("meta")})
         out = func(*metas[0], **metas[1])  # shapes and dtypes as the op gives them
         written = _written(func, args, kwargs)
         if written:  # the library keeps using the tensor it changed (or its base): poison them
@@ -200,7 +207,7 @@ class Traced(torch.Tensor):
         poisoned = next((t.poison for t in traced if t.poison), None)
         if poisoned is None:
             try:
-                layouts, view_of = _trace(func, args, kwargs, metas, out)
+                layouts, view_of = _trace(func, args, kwargs, metas, out, moved)
             except ConversionNotStreamableError as exc:
                 poisoned = str(exc)
         stored = traced[0].stored_dtype
@@ -261,10 +268,14 @@ _SAME = {"lift_fresh", "detach", "alias", "_unsafe_view", "view", "reshape", "_r
 _JOINS = {"cat", "stack"}
 
 
-def _trace(func, args, kwargs, metas, out) -> tuple[list[_Layout], Traced | None]:
+def _trace(func, args, kwargs, metas, out, moved: bool = False) -> tuple[list[_Layout], Traced | None]:
     """The layout of each tensor ``func`` returns, in pytree order, and the tensor they
-    are views of (None: new tensors)."""
+    are views of (None: new tensors). ``moved``: a loader's ``.to(device, dtype)`` of a
+    stored tensor, which stays the mapped tensor where nothing changes; the streamer
+    makes any cast itself, so it is not a new tensor either."""
     name = func.overloadpacket.__name__
+    if moved and name == "_to_copy":
+        name = "alias"
     tensors = [a for a in _pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
     if any(not isinstance(t, Traced) for t in tensors):
         raise ConversionNotStreamableError(f"{name} mixes it with a tensor the checkpoint does not hold")

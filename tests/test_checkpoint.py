@@ -873,3 +873,28 @@ def test_context_manager_closes(two_shard_folder):
         view = ckpt.tensor("b.steps")
     assert type(error_from(ckpt.tensor, "b.steps")) is ClosedError
     assert_same_tensor(view, small_tensors(1, "b.")["b.steps"])
+
+
+def test_hub_download_fetches_generation_config_beside_the_config(tmp_path, monkeypatch, sharded_repo_files):
+    """transformers' from_pretrained reads generation_config.json beside config.json: a repo
+    lazystream downloads must bring it (and still nothing it does not need)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import lazystream.resolve
+
+    files, tensors = sharded_repo_files
+    files = files | {"generation_config.json": b'{"do_sample": true, "temperature": 0.6}'}
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    snapshot = lay_out_hub_cache(tmp_path / "hub", "org/name", files)
+    asked: list[str] = []
+    monkeypatch.setattr(lazystream.resolve, "list_hub_files",
+                        lambda repo_id, revision=None, token=None: sorted(files) + ["README.md", "model.onnx"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **kw: str(snapshot / filename))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns=None, **kw: asked.extend(allow_patterns) or str(snapshot))
+    with Checkpoint.open("org/name", cache_dir=tmp_path / "hub") as ckpt:
+        assert_checkpoint_holds(ckpt, tensors)
+    assert "generation_config.json" in asked and "config.json" in asked
+    assert "README.md" not in asked and "model.onnx" not in asked
