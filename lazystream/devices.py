@@ -14,6 +14,7 @@ on a core the reader threads and the model's own host code need.
 from __future__ import annotations
 
 import mmap
+import os
 import time
 
 import torch
@@ -53,6 +54,7 @@ class HostDevice:
     """Slots in host memory; copies are synchronous."""
 
     is_cuda = False
+    async_copies = False  # copies complete when issued: nothing needs the staging ring
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -78,7 +80,7 @@ class HostDevice:
     def copy_mark(self) -> float:
         return time.perf_counter()
 
-    def compute_done(self) -> None:
+    def compute_done(self, *reads: torch.Tensor) -> None:
         return None
 
     def copy_waits_for(self, marker: object) -> None:
@@ -105,6 +107,7 @@ class CudaDevice:
     (or from shard mappings registered as pinned memory)."""
 
     is_cuda = True
+    async_copies = True
 
     def __init__(self, device: torch.device):
         # A bare "cuda" means the current device of the thread that loads the model; the
@@ -156,7 +159,9 @@ class CudaDevice:
         event.record(self.copy_stream)
         return event
 
-    def compute_done(self) -> torch.cuda.Event:
+    def compute_done(self, *reads: torch.Tensor) -> torch.cuda.Event:
+        """An event after the work queued so far on the current stream (``reads``: the
+        buffers that work reads, which only the async test device checks)."""
         stream = torch.cuda.current_stream(self.device)
         self._compute_streams[stream.stream_id] = stream
         event = torch.cuda.Event(blocking=True)
@@ -207,8 +212,17 @@ class CudaDevice:
 
 
 def device_ops(device: torch.device) -> HostDevice | CudaDevice:
+    """The device layer for ``device``. ``LAZYSTREAM_TEST_DEVICE=async`` in the environment
+    puts every CPU model on the adversarial :class:`~lazystream.async_device.AsyncDevice`."""
     if device.type == "cuda":
         return CudaDevice(device)
     if device.type == "cpu":
+        kind = os.environ.get("LAZYSTREAM_TEST_DEVICE", "cpu")
+        if kind == "async":
+            from .async_device import AsyncDevice
+
+            return AsyncDevice(device)
+        if kind != "cpu":
+            raise ValueError(f"LAZYSTREAM_TEST_DEVICE must be 'cpu' or 'async', got {kind!r}")
         return HostDevice(device)
     raise ValueError(f"device must be 'cuda' or 'cpu', got {device}")

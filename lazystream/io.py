@@ -88,7 +88,8 @@ class IOConfig:
         threaded: ``submit`` returns at once and a dispatcher thread cuts the job into
             pieces (else ``submit`` returns when the job's copies are issued). Reader
             threads fill the staging ring either way.
-        staged: go through the staging ring; None means on CUDA, or in "direct" mode.
+        staged: go through the staging ring; None means on CUDA (and the asynchronous test
+            device), or in "direct" mode.
         staging_bytes: size of each staging buffer (one piece of a job); None: from the
             block size, between 1 and 16 MiB.
         staging_buffers: buffers in the ring; None: two per reader thread, more (up to
@@ -281,7 +282,7 @@ class Loader:
         self.mode = config.mode
         self.registered = config.mode == "register"
         direct = config.mode == "direct"
-        self.staged = (ops.is_cuda or direct) if config.staged is None else config.staged
+        self.staged = (ops.async_copies or direct) if config.staged is None else config.staged
         self.staged = self.staged and not self.registered
         if ops.is_cuda and not (self.staged or self.registered):
             raise ValueError("on CUDA, bytes must go through the pinned staging ring (IOConfig.staged) or "
@@ -467,6 +468,8 @@ class Loader:
                 self._ensure(dest.numel())  # done in load(); a loader used on its own sizes the ring here
                 pieces = self._pieces(runs)
             elif runs:
+                # Written from this thread, not the copy stream: the slot's last reader must be done.
+                self.ops.host_waits_for(after)
                 start = self.ops.copy_mark()
                 for run in runs:
                     try:

@@ -404,8 +404,8 @@ class Streamer:
         KeyboardInterrupt skips the blocks' post-forward hooks."""
         for index, slot in list(self._bound.items()):
             self._unbind_block(index, slot)
+            self._buffers.release(slot, index)
             slot.block, slot.ticket, slot.users = None, None, 0
-            slot.free_after = self.ops.compute_done()
         self._bound.clear()
 
     def _end_call(self, completed: bool) -> None:
@@ -476,8 +476,8 @@ class Streamer:
                 return
             self._unbind_block(index, slot)
             del self._bound[index]
+            self._buffers.release(slot, index)
             slot.block, slot.ticket = None, None
-            slot.free_after = self.ops.compute_done()
             if torch.is_grad_enabled():
                 refuse_backward(output, self.plan.blocks[index].path)
             self._prefetch()
