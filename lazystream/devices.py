@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from .errors import UnsupportedOperationError
+
 # cudaHostRegister flags: usable from every context (Portable), and mapped read-only
 # for the device (ReadOnly), which a PROT_READ mapping of a file requires: registering it
 # writable would make the kernel copy every page into anonymous memory on pinning.
@@ -48,6 +50,21 @@ def timing_mark(device: torch.device) -> float | torch.cuda.Event:
     event = torch.cuda.Event(enable_timing=True, blocking=True)
     event.record(torch.cuda.current_stream(device))
     return event
+
+
+def explain_capture(exc: BaseException) -> BaseException:
+    """``exc``, or where CUDA refused one of the loader's calls because a thread is capturing
+    a CUDA graph, an error that says so and what to do (chained to ``exc``)."""
+    if not (isinstance(exc, RuntimeError) and "capturing" in str(exc)):
+        return exc
+    error = UnsupportedOperationError(
+        "a CUDA graph was captured while lazystream's threads were copying blocks (the prefetch a session starts "
+        "at the end of each call runs on between calls): in the default global capture mode CUDA refuses their "
+        f"calls ({exc}). Capture with torch.cuda.graph(..., capture_error_mode='thread_local'), or outside "
+        "streamer_of(model).session(); a capture through the streamed model itself is refused in any mode"
+    )
+    error.__cause__ = exc
+    return error
 
 
 class HostDevice:
@@ -132,6 +149,9 @@ class CudaDevice:
         with torch.cuda.device(self.device):  # the model's context, not the calling thread's device 0
             err = cudart.cudaHostRegister(host.data_ptr(), size, _HOST_REGISTER_PORTABLE | _HOST_REGISTER_READ_ONLY)
         if err != cudart.cudaError.success:
+            # The runtime also keeps the failure as its last error, which the next unrelated
+            # kernel launch would report as its own: read it, which clears it.
+            cudart.cudaGetLastError()
             raise RuntimeError(f"cudaHostRegister of {size} bytes failed: {cudart.cudaGetErrorString(err)}")
 
     def unregister_host(self, host: torch.Tensor) -> None:

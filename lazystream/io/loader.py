@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint, CopyRun
-from ..devices import CudaDevice, HostDevice
+from ..devices import CudaDevice, HostDevice, explain_capture
 from ..errors import ClosedError, HostRegisterError, LazyStreamError, StagingMemoryError
 from .config import DIRECT_ALIGN, MIN_BUFFER_BYTES, IOConfig, RingLayout, _round_up, ring_layout
 from .direct import DirectReader, _direct_segments
@@ -57,6 +57,7 @@ class Loader:
         self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._threads: set[int] = set()  # idents of this loader's own threads
+        self._bound: set[int] = set()  # those bound to the device
         self._lock = threading.Lock()  # the open jobs, issuing copies, the tail
         self._setup_lock = threading.Lock()
         self._open: deque[_Job] = deque()  # jobs not yet done, in submission order
@@ -92,11 +93,12 @@ class Loader:
                 self._allocate_ring(block_bytes)
             if self._pool is None and (self.staged or self.registered):
                 threads = self.layout.threads if self.layout else 1
-                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lazystream-read", initializer=self._bind)
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lazystream-read")
 
     def _bind(self) -> None:
-        self.ops.bind_thread()
         self._threads.add(threading.get_ident())
+        self.ops.bind_thread()
+        self._bound.add(threading.get_ident())
 
     def _allocate_ring(self, block_bytes: int) -> None:
         h2d = None
@@ -209,7 +211,16 @@ class Loader:
         return ticket
 
     def _work(self) -> None:
-        self._bind()
+        try:
+            self._bind()
+        except BaseException as exc:
+            # The thread could not be bound (torch.cuda.set_device raised): fail every job
+            # queued, now and later, with the error, rather than leave their waiters hanging.
+            while (job := self._queue.get()) is not None:
+                ticket = job[-1]
+                ticket.error = exc
+                ticket.done.set()
+            return
         while (job := self._queue.get()) is not None:
             self._dispatch(*job)
 
@@ -237,7 +248,7 @@ class Loader:
                         raise self._named(exc, run.file, [(run.offset, run.nbytes)])
                 job.copy_marks.append((start, self.ops.copy_mark(), ticket.nbytes))
         except BaseException as exc:  # handed to the waiting thread, which re-raises it
-            ticket.error = exc
+            ticket.error = explain_capture(exc)
             pieces = []
         job.pieces = len(pieces)
         with self._lock:
@@ -273,6 +284,8 @@ class Loader:
     def _fill(self, job: _Job, piece: _Piece, index: int | None) -> None:
         """On a reader thread: wait until the buffer's previous copy is done, fill it."""
         try:
+            if threading.get_ident() not in self._bound:
+                self._bind()  # the thread's first piece; a failure fails the piece, not the thread
             if index is not None:
                 self.ops.host_waits_for(self._marks[index])
                 if job.ticket.error is None:
@@ -282,7 +295,7 @@ class Loader:
         except BaseException as exc:
             with self._lock:
                 if job.ticket.error is None:
-                    job.ticket.error = exc
+                    job.ticket.error = explain_capture(exc)
         with self._lock:
             job.pending.append((piece, index))
             self._advance()
@@ -336,7 +349,7 @@ class Loader:
                     self._marks[index] = end
         except BaseException as exc:
             if job.ticket.error is None:
-                job.ticket.error = exc
+                job.ticket.error = explain_capture(exc)
         finally:
             if index is not None:
                 self._free.put(index)
