@@ -14,6 +14,7 @@ runs the real thing on one.
 from __future__ import annotations
 
 import errno
+import gc
 import threading
 
 import numpy as np
@@ -145,13 +146,14 @@ def test_every_copy_is_issued_on_a_thread_bound_to_the_device(qwen3, io, monkeyp
     assert threading.get_ident() not in made[0].bound  # the caller's own thread is left alone
 
 
-def test_bind_thread_sets_the_models_device(monkeypatch):
+def test_bind_thread_sets_the_models_device_and_the_copy_stream(monkeypatch):
     ops = CudaDevice.__new__(CudaDevice)
-    ops.device = torch.device("cuda", 1)
+    ops.device, ops.copy_stream = torch.device("cuda", 1), "the copy stream"
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch.cuda, "set_stream", calls.append)
     ops.bind_thread()
-    assert calls == [torch.device("cuda", 1)]
+    assert calls == [torch.device("cuda", 1), "the copy stream"]
 
 
 # -- 2. block timing -------------------------------------------------------------------------
@@ -353,6 +355,9 @@ def test_a_model_whose_threads_cannot_be_bound_raises_at_load(qwen3, monkeypatch
     monkeypatch.setattr(streamer_module, "device_ops", Unbindable)
     kind, exc = within(60, lambda: LazyStreamModel.from_pretrained(path, 1))
     assert kind == "raised" and "invalid device ordinal" in str(exc)
+    del exc  # its traceback holds the half-loaded model, whose finalizer stops the loader's thread
+    gc.collect()
+    assert not [t for t in threading.enumerate() if t.name == "lazystream-io"]
 
 
 # -- 7. a failed cudaHostRegister -----------------------------------------------------------

@@ -40,6 +40,17 @@ def test_ring_for_real_blocks_keeps_up_with_pcie5():
     assert ring_layout(IOConfig(), 48 * MIB, h2d=50e9, cores=4).threads == 3
 
 
+@pytest.mark.parametrize("h2d", [12e9, 25e9, 55e9])
+def test_pieces_are_large_enough_for_the_issue_path(h2d):
+    from lazystream.io import MAX_PIECES_PER_SECOND
+
+    for block in (4 * MIB, 16 * MIB, 48 * MIB, 360_000_000):
+        layout = ring_layout(IOConfig(), block, h2d=h2d, cores=16)
+        assert h2d / layout.buffer_bytes <= MAX_PIECES_PER_SECOND or layout.buffer_bytes >= block
+    # PCIe 5 and a 16 MiB block: 4 MiB pieces, not the 1 MiB one per reader thread would give.
+    assert ring_layout(IOConfig(), 16 * MIB, h2d=55e9, cores=16).buffer_bytes == 4 * MIB
+
+
 def test_ring_sizes_on_the_cpu_and_for_tiny_and_explicit_settings():
     assert ring_layout(IOConfig(), 48 * MIB, cores=2) == RingLayout(8, 8 * MIB, 2)
     tiny = ring_layout(IOConfig(), 100_000, cores=2)

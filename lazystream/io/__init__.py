@@ -30,7 +30,7 @@ or "register"); only the thin layer in devices.py differs.
 """
 
 from .config import (AUTO_RING_BYTES, DEFAULT_BLOCK_BYTES, DIRECT_ALIGN, DIRECT_QUEUE_DEPTH, FILL_PER_THREAD,
-                     MAX_BUFFER_BYTES, MAX_READ_THREADS, MIN_BUFFER_BYTES, MODES, IOConfig, RingLayout, _round_up,
+                     MAX_BUFFER_BYTES, MAX_PIECES_PER_SECOND, MAX_READ_THREADS, MIN_BUFFER_BYTES, MODES, IOConfig, RingLayout, _round_up,
                      ring_layout, usable_cores)
 from .direct import READ_CHUNK_BYTES, AlignedRead, DirectReader, Placement, _direct_segments
 from .jobs import Ticket, _covered, _segments

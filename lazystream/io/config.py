@@ -24,6 +24,10 @@ DIRECT_QUEUE_DEPTH = 8
 # early and a block spreads over every reader.
 MIN_BUFFER_BYTES = 2**20
 MAX_BUFFER_BYTES = 16 * 2**20
+# The loader issues each piece in Python under one lock (about 28 us a piece on a server
+# core, see tools/bench_issue.py): pieces large enough that the copy engine needs at most
+# this many a second leave that path more than half idle (PCIe 5 at 55 GB/s: 4 MiB).
+MAX_PIECES_PER_SECOND = 16_000
 # The most pinned memory a ring takes unless asked for more: reading a whole block ahead
 # while its slot is still busy helps only where the readers are slower than the copy
 # engine, and pinned host memory is scarce on the machines lazystream is for.
@@ -114,7 +118,8 @@ def ring_layout(config: IOConfig, block_bytes: int, *, h2d: float | None = None,
     at most MAX_READ_THREADS and the cores less one (the model's own host thread needs
     one); on the CPU device 2; in "direct" mode DIRECT_QUEUE_DEPTH. Buffers: a power of
     two between 1 and 16 MiB, about a block over twice the threads, so every reader has a
-    piece of each block and one waits to be copied while the next fills. Ring: two
+    piece of each block and one waits to be copied while the next fills; at least large
+    enough that the copy engine needs at most MAX_PIECES_PER_SECOND. Ring: two
     buffers per thread at least, up to a block and a piece per thread beyond it within
     AUTO_RING_BYTES; a power of two in all, as torch rounds pinned allocations up to one.
     """
@@ -135,7 +140,9 @@ def ring_layout(config: IOConfig, block_bytes: int, *, h2d: float | None = None,
         size = _round_up(block, DIRECT_ALIGN)
     else:
         size = 1 << max(0, (block // (2 * threads)).bit_length() - 1)
-        size = min(MAX_BUFFER_BYTES, max(MIN_BUFFER_BYTES, size))
+        least = max(MIN_BUFFER_BYTES, 1 << (math.ceil(h2d / MAX_PIECES_PER_SECOND) - 1).bit_length()) if h2d \
+            else MIN_BUFFER_BYTES
+        size = min(MAX_BUFFER_BYTES, max(least, size), _round_up(block, DIRECT_ALIGN))
     if config.staging_buffers is not None:
         buffers = config.staging_buffers
     else:

@@ -69,10 +69,10 @@ class _Piece:
     reads: list
     copies: list[tuple[Path | None, int, int, int]]
     staged: bool
+    nbytes: int = field(init=False)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(c[3] for c in self.copies)
+    def __post_init__(self) -> None:
+        self.nbytes = sum(c[3] for c in self.copies)  # once, not under the loader's lock
 
 
 @dataclass
