@@ -182,7 +182,7 @@ class AsyncDevice(HostDevice):
         return raw[:]
 
     def staging(self, nbytes: int) -> torch.Tensor:
-        return torch.full((nbytes,), POISON, dtype=torch.uint8)
+        return super().staging(nbytes).fill_(POISON)
 
     def _home(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
         """The pool allocation holding ``tensor``, and its byte offset there."""
