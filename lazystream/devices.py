@@ -164,7 +164,7 @@ class CudaDevice:
         ``torch.cuda.stream`` for a stream of another device switches the thread's device
         there and back on every copy, creating a context on device 0 on the way. The copy
         stream becomes the thread's current stream: a copy then needs no stream context
-        (about 10 us of Python a piece)."""
+        (several Python calls a piece)."""
         torch.cuda.set_device(self.device)
         torch.cuda.set_stream(self.copy_stream)
 
