@@ -48,7 +48,7 @@ def hazards_after(model) -> list[str]:
 
 
 def test_copies_land_late_in_stream_order_and_markers_wait_for_them():
-    ops = AsyncDevice(torch.device("cpu"), delay="0.05:0.06")
+    ops = AsyncDevice(torch.device("cpu"), delay="0.2:0.25")  # long: a busy machine must not run it first
     dst = ops.empty(8)
     assert dst.eq(POISON).all()  # fresh memory is poisoned
     first, second = torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)
@@ -61,7 +61,7 @@ def test_copies_land_late_in_stream_order_and_markers_wait_for_them():
 
 
 def test_the_copy_stream_waits_for_a_compute_marker_and_compute_lags():
-    ops = AsyncDevice(torch.device("cpu"), delay="0", lag="0.05:0.06")
+    ops = AsyncDevice(torch.device("cpu"), delay="0", lag="0.2:0.25")
     slot = ops.empty(4)
     read = ops.compute_done(slot)
     assert not read.query()
@@ -73,7 +73,7 @@ def test_the_copy_stream_waits_for_a_compute_marker_and_compute_lags():
 
 def test_a_write_under_lagging_compute_is_a_hazard():
     async_device.HAZARDS.clear()
-    ops = AsyncDevice(torch.device("cpu"), delay="0", lag="0.05:0.06")
+    ops = AsyncDevice(torch.device("cpu"), delay="0", lag="0.3:0.35")
     slot = ops.empty(4)
     ops.compute_done(slot)
     ops.copy_in(slot, torch.zeros(4, dtype=torch.uint8))  # no copy_waits_for: the hazard
@@ -84,7 +84,7 @@ def test_a_write_under_lagging_compute_is_a_hazard():
 
 def test_a_copy_into_memory_freed_before_it_ran_is_a_hazard():
     async_device.HAZARDS.clear()
-    ops = AsyncDevice(torch.device("cpu"), delay="0.05:0.06")
+    ops = AsyncDevice(torch.device("cpu"), delay="0.3:0.35")
     slot = ops.empty(4)
     ops.copy_in(slot, torch.zeros(4, dtype=torch.uint8))
     del slot  # dropped with the copy in flight
