@@ -55,6 +55,9 @@ class DeviceBuffers:
         self.slots = [Slot(i, ops.empty(plan.slot_bytes)) for i in range(plan.slots)]
         self.scratch = ops.empty(plan.scratch_bytes) if plan.scratch_bytes else None
         self.resident = Bound({})
+        # The last compute that read the scratch: every streamed block's casts go there, and
+        # the next block's casts may run on another stream (a user's side stream).
+        self.scratch_free_after: object = None
         self._views: dict[tuple[int, int], Bound] = {}  # (slot, block) -> the block's views of the slot
 
     @property
@@ -117,12 +120,25 @@ class DeviceBuffers:
                     raw = target
                 params[t.name] = nn.Parameter(raw, self._requires_grad(t.name))
             bound = self._views[key] = Bound(params, casts)
+        if bound.casts:
+            # The previous block's forward may still read the scratch on another stream;
+            # without this wait the casts would overwrite its weights under it.
+            self.ops.compute_waits_for(self.scratch_free_after)
         for target, raw, via in bound.casts:
             target.copy_(apply_casts(raw, via))
         return bound
 
     def bound_views(self, slot: Slot, block: int) -> Bound:
         return self._views[(slot.index, block)]
+
+    def release(self, slot: Slot, block: int) -> None:
+        """``block``'s forward is done with ``slot`` (and the scratch, where its casts went):
+        mark the compute issued so far, which the next copy into the slot and the next casts
+        wait for."""
+        if self._views[(slot.index, block)].casts:
+            slot.free_after = self.scratch_free_after = self.ops.compute_done(slot.buffer, self.scratch)
+        else:
+            slot.free_after = self.ops.compute_done(slot.buffer)
 
 
 def out_of_memory(plan: StreamPlan, ops: HostDevice | CudaDevice, model: str, folder) -> DeviceMemoryError:

@@ -14,9 +14,12 @@ on a core the reader threads and the model's own host code need.
 from __future__ import annotations
 
 import mmap
+import os
 import time
 
 import torch
+
+from .errors import UnsupportedOperationError
 
 # cudaHostRegister flags: usable from every context (Portable), and mapped read-only
 # for the device (ReadOnly), which a PROT_READ mapping of a file requires: registering it
@@ -49,10 +52,26 @@ def timing_mark(device: torch.device) -> float | torch.cuda.Event:
     return event
 
 
+def explain_capture(exc: BaseException) -> BaseException:
+    """``exc``, or where CUDA refused one of the loader's calls because a thread is capturing
+    a CUDA graph, an error that says so and what to do (chained to ``exc``)."""
+    if not (isinstance(exc, RuntimeError) and "capturing" in str(exc)):
+        return exc
+    error = UnsupportedOperationError(
+        "a CUDA graph was captured while lazystream's threads were copying blocks (the prefetch a session starts "
+        "at the end of each call runs on between calls): in the default global capture mode CUDA refuses their "
+        f"calls ({exc}). Capture with torch.cuda.graph(..., capture_error_mode='thread_local'), or outside "
+        "streamer_of(model).session(); a capture through the streamed model itself is refused in any mode"
+    )
+    error.__cause__ = exc
+    return error
+
+
 class HostDevice:
     """Slots in host memory; copies are synchronous."""
 
     is_cuda = False
+    async_copies = False  # copies complete when issued: nothing needs the staging ring
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -78,7 +97,7 @@ class HostDevice:
     def copy_mark(self) -> float:
         return time.perf_counter()
 
-    def compute_done(self) -> None:
+    def compute_done(self, *reads: torch.Tensor) -> None:
         return None
 
     def copy_waits_for(self, marker: object) -> None:
@@ -105,6 +124,7 @@ class CudaDevice:
     (or from shard mappings registered as pinned memory)."""
 
     is_cuda = True
+    async_copies = True
 
     def __init__(self, device: torch.device):
         # A bare "cuda" means the current device of the thread that loads the model; the
@@ -129,6 +149,9 @@ class CudaDevice:
         with torch.cuda.device(self.device):  # the model's context, not the calling thread's device 0
             err = cudart.cudaHostRegister(host.data_ptr(), size, _HOST_REGISTER_PORTABLE | _HOST_REGISTER_READ_ONLY)
         if err != cudart.cudaError.success:
+            # The runtime also keeps the failure as its last error, which the next unrelated
+            # kernel launch would report as its own: read it, which clears it.
+            cudart.cudaGetLastError()
             raise RuntimeError(f"cudaHostRegister of {size} bytes failed: {cudart.cudaGetErrorString(err)}")
 
     def unregister_host(self, host: torch.Tensor) -> None:
@@ -139,16 +162,19 @@ class CudaDevice:
         """Make this device the calling thread's current device. Run first on every
         lazystream thread: a new thread's current device is 0, and entering
         ``torch.cuda.stream`` for a stream of another device switches the thread's device
-        there and back on every copy, creating a context on device 0 on the way."""
+        there and back on every copy, creating a context on device 0 on the way. The copy
+        stream becomes the thread's current stream: a copy then needs no stream context
+        (several Python calls a piece)."""
         torch.cuda.set_device(self.device)
+        torch.cuda.set_stream(self.copy_stream)
 
     def copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        # Asynchronous only because src is page-locked (the pinned ring, or a registered
-        # mapping); the caller keeps src untouched until the copy's mark has completed.
-        # Called only on the loader's own (bound) threads, never inside a model's forward,
-        # so torch.compile never traces it.
-        with torch.cuda.stream(self.copy_stream):
-            dst.copy_(src, non_blocking=True)
+        # On the copy stream: called only on the loader's own threads, bound (bind_thread)
+        # with the copy stream current, never inside a model's forward, so torch.compile
+        # never traces it. Asynchronous only because src is page-locked (the pinned ring,
+        # or a registered mapping); the caller keeps src untouched until the copy's mark
+        # has completed.
+        dst.copy_(src, non_blocking=True)
 
     def copy_mark(self) -> torch.cuda.Event:
         """A timing event on the copy stream after everything issued to it so far."""
@@ -156,7 +182,9 @@ class CudaDevice:
         event.record(self.copy_stream)
         return event
 
-    def compute_done(self) -> torch.cuda.Event:
+    def compute_done(self, *reads: torch.Tensor) -> torch.cuda.Event:
+        """An event after the work queued so far on the current stream (``reads``: the
+        buffers that work reads, which only the async test device checks)."""
         stream = torch.cuda.current_stream(self.device)
         self._compute_streams[stream.stream_id] = stream
         event = torch.cuda.Event(blocking=True)
@@ -207,8 +235,17 @@ class CudaDevice:
 
 
 def device_ops(device: torch.device) -> HostDevice | CudaDevice:
+    """The device layer for ``device``. ``LAZYSTREAM_TEST_DEVICE=async`` in the environment
+    puts every CPU model on the adversarial :class:`~lazystream.async_device.AsyncDevice`."""
     if device.type == "cuda":
         return CudaDevice(device)
     if device.type == "cpu":
+        kind = os.environ.get("LAZYSTREAM_TEST_DEVICE", "cpu")
+        if kind == "async":
+            from .async_device import AsyncDevice
+
+            return AsyncDevice(device)
+        if kind != "cpu":
+            raise ValueError(f"LAZYSTREAM_TEST_DEVICE must be 'cpu' or 'async', got {kind!r}")
         return HostDevice(device)
     raise ValueError(f"device must be 'cuda' or 'cpu', got {device}")

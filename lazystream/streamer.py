@@ -26,13 +26,13 @@ from .checkpoint import Checkpoint, CopyRun, copy_runs, read_value
 from .devices import device_ops
 from .errors import ClosedError, UnsupportedOperationError
 from .grads import GradGuard, refuse_backward
+from .hooks import BlockHooks, wrap_forward, wrap_load_state_dict
 from .io import IOConfig, Loader
 from .moves import probe
 from .plan import GRANULE, StreamPlan, _round_up
 from .probe import Calibration
 from .telemetry import BlockTimer, CallStats, Stats
 from .tensors import ModelTensors
-from .weights import refuse_write
 
 
 @dataclass
@@ -99,15 +99,12 @@ class Streamer:
         # imports torch._dynamo (~70 MiB, 1.6 s), which a model class imports anyway.
         self._enter = torch.compiler.disable(self._enter)
         self._exit = torch.compiler.disable(self._exit)
-        self._block_hooks = torch.compiler.disable(self._pre_block), torch.compiler.disable(self._post_block)
-        # The root call is wrapped, not hooked: torch runs always_call hooks only for an
-        # Exception, and a KeyboardInterrupt must release the lock and the slots too.
-        model.forward = self._wrap_forward(model.forward)
+        self._hooks = BlockHooks(torch.compiler.disable(self._pre_block), torch.compiler.disable(self._post_block))
+        model.forward = wrap_forward(model.forward, self._enter, self._exit)
         model._apply = self._apply_to_model  # .to(), .cuda(), .half(): re-plan, see there
-        model.load_state_dict = self._wrap_load_state_dict(model.load_state_dict)
+        model.load_state_dict = wrap_load_state_dict(model.load_state_dict, model, self.tensors)
         self._block_calls: list[tuple[int, int]] = []  # blocks called outside a root call
-        self._hooked: dict[int, tuple] = {}  # block index -> its hook handles
-        self._hook_streamed_blocks()
+        self._hooks.update(model, plan)
 
     # -- public -------------------------------------------------------------------------
 
@@ -223,7 +220,7 @@ class Streamer:
         self._runs = _block_runs(plan)
         self._order = [i for i in self._exec_order if not plan.blocks[i].resident]
         self._learned = False  # blocks that newly stream take their place in the order at the next call
-        self._hook_streamed_blocks()
+        self._hooks.update(self.model, plan)
         self.tensors.retarget(plan)
         if loaded:
             self.load()
@@ -281,23 +278,6 @@ class Streamer:
                 self.load()
             return self.model
 
-    def _hook_streamed_blocks(self) -> None:
-        """Hook the streamed blocks, and only them: under torch.compile each hook is a graph
-        break, and a resident block needs none."""
-        modules = dict(self.model.named_modules())
-        pre, post = self._block_hooks
-        for block in self.plan.blocks:
-            handles = self._hooked.pop(block.index, None)
-            if block.resident:
-                for handle in handles or ():
-                    handle.remove()
-                continue
-            if handles is None:
-                module = modules[block.path]
-                handles = (module.register_forward_pre_hook(_bind_index(pre, block.index)),
-                           module.register_forward_hook(_bind_index(post, block.index), always_call=True))
-            self._hooked[block.index] = handles
-
     def _move_to(self, device: torch.device) -> None:
         self.loader.close()
         self.device = device
@@ -306,36 +286,6 @@ class Streamer:
         self._timer = None
 
     # -- hooks --------------------------------------------------------------------------
-
-    def _wrap_forward(self, forward):
-        @functools.wraps(forward)
-        def streamed_forward(*args, **kwargs):
-            self._enter()
-            completed = False
-            try:
-                out = forward(*args, **kwargs)
-                completed = True
-                return out
-            finally:
-                self._exit(completed)
-
-        return streamed_forward
-
-    def _wrap_load_state_dict(self, load):
-        @functools.wraps(load)
-        def load_state_dict(state_dict, *args, **kwargs):
-            """Refuse, before anything is copied, to overwrite checkpoint weights in place
-            (torch would refuse each on its own, after loading the others)."""
-            assign = kwargs.get("assign", args[1] if len(args) > 1 else False)
-            if not assign:
-                weights = {id(w) for w in self.tensors.weights.values()}
-                hit = [name for name, p in self.model.named_parameters(remove_duplicate=False)
-                       if id(p) in weights and name in state_dict]
-                if hit:
-                    raise refuse_write(hit, "load_state_dict would copy new values into it")
-            return load(state_dict, *args, **kwargs)
-
-        return load_state_dict
 
     def _enter(self) -> None:
         self._check_open()
@@ -404,8 +354,8 @@ class Streamer:
         KeyboardInterrupt skips the blocks' post-forward hooks."""
         for index, slot in list(self._bound.items()):
             self._unbind_block(index, slot)
+            self._buffers.release(slot, index)
             slot.block, slot.ticket, slot.users = None, None, 0
-            slot.free_after = self.ops.compute_done()
         self._bound.clear()
 
     def _end_call(self, completed: bool) -> None:
@@ -476,8 +426,8 @@ class Streamer:
                 return
             self._unbind_block(index, slot)
             del self._bound[index]
+            self._buffers.release(slot, index)
             slot.block, slot.ticket = None, None
-            slot.free_after = self.ops.compute_done()
             if torch.is_grad_enabled():
                 refuse_backward(output, self.plan.blocks[index].path)
             self._prefetch()
@@ -563,10 +513,3 @@ def _release(resources: _Resources) -> None:
 
 def _block_runs(plan: StreamPlan) -> dict[int, list[CopyRun]]:
     return {b.index: copy_runs(b.tensors) for b in plan.streamed}
-
-
-def _bind_index(hook, index: int):
-    def bound(*args):
-        return hook(index, *args)
-
-    return bound

@@ -2,7 +2,37 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+ASYNC = os.environ.get("LAZYSTREAM_TEST_DEVICE") == "async"
+
+
+def cpu_device_class() -> type:
+    """The device class lazystream uses for the CPU in this run (HostDevice, or AsyncDevice
+    under ``LAZYSTREAM_TEST_DEVICE=async``): tests that patch it patch this one."""
+    import torch
+
+    from lazystream.devices import device_ops
+
+    return type(device_ops(torch.device("cpu")))
+
+
+@pytest.fixture(autouse=True)
+def no_ordering_hazards():
+    """On the async device (``LAZYSTREAM_TEST_DEVICE=async``), fail a test during which any
+    write landed in bytes that compute was still reading (see lazystream/async_device.py)."""
+    if not ASYNC:
+        yield
+        return
+    from lazystream import async_device
+
+    async_device.HAZARDS.clear()
+    yield
+    async_device.settle_all()
+    found, async_device.HAZARDS[:] = list(async_device.HAZARDS), []
+    assert not found, "ordering hazards on the async device:\n" + "\n".join(found[:10])
 
 
 @pytest.fixture

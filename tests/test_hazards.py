@@ -5,24 +5,29 @@ runs the real thing on one.
 1. a model on cuda:1: every device call of the loader runs on a thread bound to the device;
 2. block timing on the model device's current stream, copy stalls not counted as compute;
 3. unload waits for every stream the forwards ran on before dropping buffers;
-5. loader failures reach the caller as the original error, the shard and tensor named.
+5. loader failures reach the caller as the original error, the shard and tensor named;
+6. a loader thread that cannot be bound to the device fails every job instead of hanging;
+7. a failed cudaHostRegister leaves no CUDA error behind for the next kernel launch;
+8. a CUDA error from a graph capture during a prefetch is named as such.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import threading
 
 import numpy as np
 import pytest
 import torch
-from conftest import qwen3_with_logits
+from conftest import cpu_device_class, qwen3_with_logits, write_odd_checkpoint
 from torch import nn
 
 import lazystream.streamer as streamer_module
-from lazystream import IOConfig, LazyStreamModel, streamer_of
+from lazystream import Checkpoint, IOConfig, LazyStreamModel, streamer_of
 from lazystream.devices import CudaDevice, HostDevice
-from lazystream.errors import StagingMemoryError
+from lazystream.errors import HostRegisterError, StagingMemoryError, UnsupportedOperationError
+from lazystream.io import Loader
 from lazystream.telemetry import BlockTimer
 
 
@@ -141,13 +146,14 @@ def test_every_copy_is_issued_on_a_thread_bound_to_the_device(qwen3, io, monkeyp
     assert threading.get_ident() not in made[0].bound  # the caller's own thread is left alone
 
 
-def test_bind_thread_sets_the_models_device(monkeypatch):
+def test_bind_thread_sets_the_models_device_and_the_copy_stream(monkeypatch):
     ops = CudaDevice.__new__(CudaDevice)
-    ops.device = torch.device("cuda", 1)
+    ops.device, ops.copy_stream = torch.device("cuda", 1), "the copy stream"
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch.cuda, "set_stream", calls.append)
     ops.bind_thread()
-    assert calls == [torch.device("cuda", 1)]
+    assert calls == [torch.device("cuda", 1), "the copy stream"]
 
 
 # -- 2. block timing -------------------------------------------------------------------------
@@ -297,3 +303,132 @@ def test_read_error_in_a_forward_is_the_original_error_naming_shard_and_tensor(q
     with torch.no_grad():  # the next call reads it again, and the model still works
         assert torch.equal(model(ids).logits, want)
     streamer.close()
+
+
+# -- 6. a loader thread that cannot be bound ------------------------------------------------
+
+
+class Unbindable(cpu_device_class()):
+    """torch.cuda.set_device raising on every lazystream thread (a bad ordinal, a lost device)."""
+
+    def bind_thread(self) -> None:
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+
+def within(seconds: float, fn):
+    """Run ``fn`` on a thread; fail the test if it has not returned after ``seconds`` (a hang)."""
+    result: list = []
+
+    def run():
+        try:
+            result.append(("ok", fn()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            result.append(("raised", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"hung for {seconds} s"
+    return result[0]
+
+
+@pytest.mark.parametrize("io", [IOConfig(staged=True), IOConfig(staged=False), IOConfig(staged=True, threaded=False)],
+                         ids=["staged", "unstaged", "staged-inline"])
+def test_a_thread_that_cannot_be_bound_fails_every_job_and_drain_and_close_return(tmp_path, io):
+    odd = write_odd_checkpoint(tmp_path, [[5000, 7000], [3000]], seed=3)
+    with Checkpoint.open(odd) as ckpt:
+        runs = [r for name in sorted(ckpt) for r in [ckpt[name]]]
+        from lazystream.checkpoint import coalesce
+
+        loader = Loader(ckpt, Unbindable(torch.device("cpu")), io)
+        dest = torch.zeros(sum(r.nbytes for r in runs) + 64, dtype=torch.uint8)
+        job = coalesce([(r, sum(x.nbytes for x in runs[:i])) for i, r in enumerate(runs)])
+        for _ in range(2):  # the first job and every later one
+            kind, exc = within(30, lambda: loader.submit(job, dest).wait())
+            assert kind == "raised" and "invalid device ordinal" in str(exc)
+        assert within(30, loader.drain)[0] == "ok"
+        assert within(30, loader.close)[0] == "ok"
+
+
+def test_a_model_whose_threads_cannot_be_bound_raises_at_load(qwen3, monkeypatch):
+    path, _, _ = qwen3
+    monkeypatch.setattr(streamer_module, "device_ops", Unbindable)
+    kind, exc = within(60, lambda: LazyStreamModel.from_pretrained(path, 1))
+    assert kind == "raised" and "invalid device ordinal" in str(exc)
+    del exc  # its traceback holds the half-loaded model, whose finalizer stops the loader's thread
+    gc.collect()
+    assert not [t for t in threading.enumerate() if t.name == "lazystream-io"]
+
+
+# -- 7. a failed cudaHostRegister -----------------------------------------------------------
+
+
+class FakeCudart:
+    """The CUDA runtime's sticky-until-read last error, and a cudaHostRegister that fails."""
+
+    class cudaError:
+        success = 0
+
+    def __init__(self):
+        self.last_error = 0
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.last_error = 801  # cudaErrorNotSupported, as a driver without read-only registration gives
+        return 801
+
+    def cudaGetErrorString(self, err):
+        return "operation not supported"
+
+    def cudaGetLastError(self):
+        err, self.last_error = self.last_error, 0
+        return err
+
+
+def test_a_failed_host_register_clears_cudas_last_error(monkeypatch):
+    import contextlib
+
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    ops = CudaDevice.__new__(CudaDevice)
+    ops.device = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="operation not supported"):
+        ops.register_host(torch.zeros(10, dtype=torch.uint8))
+    assert cudart.last_error == 0  # else the next, unrelated kernel launch raises it
+
+
+# -- 8. a graph capture while the session's prefetch is in flight ----------------------------
+
+
+class CapturedMidPrefetch(cpu_device_class()):
+    """The copy stream's calls fail as CUDA fails them while a user's thread captures a graph
+    in the default (global) capture mode."""
+
+    capturing = False
+
+    def copy_mark(self):
+        if CapturedMidPrefetch.capturing:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return super().copy_mark()
+
+
+def test_a_capture_during_the_wraparound_prefetch_is_named(qwen3, monkeypatch):
+    path, ids, want = qwen3
+    monkeypatch.setattr(streamer_module, "device_ops", CapturedMidPrefetch)
+    end_call = streamer_module.Streamer._end_call
+
+    def capture_begins(self, completed):  # as the call returns, before its wrap-around prefetch
+        CapturedMidPrefetch.capturing = True
+        end_call(self, completed)
+
+    model = LazyStreamModel.from_pretrained(path, 1)
+    monkeypatch.setattr(streamer_module.Streamer, "_end_call", capture_begins)
+    try:
+        with torch.no_grad(), streamer_of(model).session():
+            assert torch.equal(model(ids).logits, want)  # ends by prefetching the next call's blocks
+            with pytest.raises(UnsupportedOperationError, match="a CUDA graph was captured") as err:
+                model(ids)
+    finally:
+        CapturedMidPrefetch.capturing = False
+    assert "capture_error_mode='thread_local'" in str(err.value)
+    streamer_of(model).close()

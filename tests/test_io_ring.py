@@ -14,12 +14,12 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import write_odd_checkpoint
+from conftest import cpu_device_class, write_odd_checkpoint
 import torch
 
 from lazystream import Checkpoint, IOConfig, LazyStreamModel, streamer_of
 from lazystream.checkpoint import CopyRun, coalesce
-from lazystream.devices import HostDevice
+from lazystream.devices import HostDevice, device_ops
 from lazystream.errors import ShardChangedError, StagingMemoryError
 from lazystream.io import DIRECT_ALIGN, Loader, RingLayout, ring_layout
 
@@ -38,6 +38,17 @@ def test_ring_for_real_blocks_keeps_up_with_pcie5():
     assert ring_layout(IOConfig(), 48 * MIB, h2d=25e9, cores=16) == RingLayout(32, 4 * MIB, 5)
     # Few cores: the model's own thread keeps one.
     assert ring_layout(IOConfig(), 48 * MIB, h2d=50e9, cores=4).threads == 3
+
+
+@pytest.mark.parametrize("h2d", [12e9, 25e9, 55e9])
+def test_pieces_are_large_enough_for_the_issue_path(h2d):
+    from lazystream.io import MAX_PIECES_PER_SECOND
+
+    for block in (4 * MIB, 16 * MIB, 48 * MIB, 360_000_000):
+        layout = ring_layout(IOConfig(), block, h2d=h2d, cores=16)
+        assert h2d / layout.buffer_bytes <= MAX_PIECES_PER_SECOND or layout.buffer_bytes >= block
+    # PCIe 5 and a 16 MiB block: 4 MiB pieces, not the 1 MiB one per reader thread would give.
+    assert ring_layout(IOConfig(), 16 * MIB, h2d=55e9, cores=16).buffer_bytes == 4 * MIB
 
 
 def test_ring_sizes_on_the_cpu_and_for_tiny_and_explicit_settings():
@@ -85,7 +96,7 @@ def _checked(dest: torch.Tensor, want: torch.Tensor, runs: list[CopyRun]) -> boo
                for r in runs)
 
 
-class Recording(HostDevice):
+class Recording(cpu_device_class()):
     """The CPU device, recording which thread made each device call and in what order."""
 
     def __init__(self):
@@ -175,7 +186,7 @@ def test_ring_is_one_allocation_sliced(odd, monkeypatch):
 
     monkeypatch.setattr(HostDevice, "staging", counting)
     with Checkpoint.open(odd) as ckpt:
-        loader = Loader(ckpt, HostDevice(torch.device("cpu")), IOConfig(staged=True, staging_bytes=8192,
+        loader = Loader(ckpt, device_ops(torch.device("cpu")), IOConfig(staged=True, staging_bytes=8192,
                                                                          staging_buffers=6))
         loader.allocate(100_000)
         assert calls == [6 * 8192]
@@ -188,7 +199,7 @@ def test_ring_is_one_allocation_sliced(odd, monkeypatch):
 
 def test_direct_ring_buffers_are_aligned_even_with_an_unaligned_size(odd):
     with Checkpoint.open(odd) as ckpt:
-        loader = Loader(ckpt, HostDevice(torch.device("cpu")),
+        loader = Loader(ckpt, device_ops(torch.device("cpu")),
                         IOConfig(mode="direct", staging_bytes=DIRECT_ALIGN + 100, staging_buffers=3))
         loader.allocate(100_000)
         assert all(buf.data_ptr() % DIRECT_ALIGN == 0 for buf in loader._buffers)
@@ -266,7 +277,7 @@ def test_readers_fill_the_next_job_while_an_earlier_one_waits(odd, monkeypatch):
 # -- failures ---------------------------------------------------------------------------
 
 
-class FailingStaging(HostDevice):
+class FailingStaging(cpu_device_class()):
     """Staging allocations above ``limit`` bytes fail as cudaHostAlloc's do."""
 
     def __init__(self, limit: int):
@@ -318,7 +329,7 @@ def test_read_error_reaches_the_caller_as_itself_naming_shard_and_tensor(odd, mo
             return real_preadv(fd, buffers, offset)
 
         monkeypatch.setattr(os, "preadv", failing)
-        loader = Loader(ckpt, HostDevice(torch.device("cpu")), IOConfig(mode="direct", staging_bytes=DIRECT_ALIGN * 4))
+        loader = Loader(ckpt, device_ops(torch.device("cpu")), IOConfig(mode="direct", staging_bytes=DIRECT_ALIGN * 4))
         runs = coalesce([(ckpt[name], i * 300_000) for i, name in enumerate(sorted(ckpt))])
         ticket = loader.submit(runs, torch.zeros(len(ckpt) * 300_000, dtype=torch.uint8))
         with pytest.raises(OSError) as info:
@@ -334,7 +345,7 @@ def test_mapped_read_error_names_the_tensor_and_later_jobs_still_run(odd, monkey
     import numpy as np
 
     with Checkpoint.open(odd) as ckpt:
-        loader = Loader(ckpt, HostDevice(torch.device("cpu")), IOConfig(staged=True, staging_bytes=DIRECT_ALIGN * 4))
+        loader = Loader(ckpt, device_ops(torch.device("cpu")), IOConfig(staged=True, staging_bytes=DIRECT_ALIGN * 4))
         victim = ckpt["t0_5"]
         bad_at = ckpt.shard(victim.file).bytes.data_ptr() + victim.offset + 100
         real_copyto, raised = np.copyto, []
@@ -364,7 +375,7 @@ def test_shard_changed_before_a_job_names_its_tensors(odd, tmp_path):
 
     folder = Path(shutil.copytree(odd, tmp_path / "ckpt"))
     with Checkpoint.open(folder) as ckpt:
-        loader = Loader(ckpt, HostDevice(torch.device("cpu")), IOConfig(staged=True))
+        loader = Loader(ckpt, device_ops(torch.device("cpu")), IOConfig(staged=True))
         victim = ckpt["t1_2"]
         os.utime(victim.file, ns=(0, 0))  # rewritten in place, as far as the check can tell
         ticket = loader.submit(coalesce([(victim, 0)]), torch.zeros(victim.nbytes, dtype=torch.uint8))
@@ -379,7 +390,7 @@ def test_shard_changed_before_a_job_names_its_tensors(odd, tmp_path):
 
 def test_ticket_times_fill_and_copy_separately(odd):
     with Checkpoint.open(odd) as ckpt:
-        loader = Loader(ckpt, HostDevice(torch.device("cpu")), IOConfig(staged=True, staging_bytes=DIRECT_ALIGN * 4,
+        loader = Loader(ckpt, device_ops(torch.device("cpu")), IOConfig(staged=True, staging_bytes=DIRECT_ALIGN * 4,
                                                                         read_threads=3))
         runs, size = _jobs(ckpt, 1)[0]
         ticket = loader.submit(runs, torch.zeros(size, dtype=torch.uint8))
@@ -402,7 +413,7 @@ def test_union_of_fill_spans_counts_overlap_once():
 def test_close_on_a_reader_thread_does_not_deadlock(odd, monkeypatch):
     """Garbage collection may run a model's finalizer on one of the loader's own threads."""
     with Checkpoint.open(odd) as ckpt:
-        loader = Loader(ckpt, HostDevice(torch.device("cpu")), IOConfig(staged=True, staging_bytes=DIRECT_ALIGN * 4))
+        loader = Loader(ckpt, device_ops(torch.device("cpu")), IOConfig(staged=True, staging_bytes=DIRECT_ALIGN * 4))
         original = Loader._read
 
         def read(self, piece, buf):

@@ -10,6 +10,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from lazystream import IOConfig, LazyStreamModel, attach, streamer_of
 from lazystream.errors import ClosedError, MissingTensorsError
+from conftest import cpu_device_class
 from lazystream.io import ring_layout
 from lazystream.weights import CheckpointWeight
 from lazystream.synthetic import build_qwen3, build_zimage, qwen3_config, zimage_config, zimage_inputs
@@ -344,12 +345,12 @@ def test_parameters_declared_in_another_dtype_keep_it(tmp_path, keep_gpu):
 
 def test_resident_casts_go_through_a_bounded_buffer(tmp_path, monkeypatch):
     import lazystream.buffers as buffers_module
-    from lazystream.devices import HostDevice
 
     monkeypatch.setattr(buffers_module, "CAST_CHUNK_BYTES", 4096)  # smaller than the embedding
     sizes = []
-    original = HostDevice.empty
-    monkeypatch.setattr(HostDevice, "empty", lambda self, n: sizes.append(n) or original(self, n))
+    device = cpu_device_class()
+    original = device.empty
+    monkeypatch.setattr(device, "empty", lambda self, n: sizes.append(n) or original(self, n))
     path = build_qwen3(tmp_path, max_shard_size="60KB")
     ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(7))
     ref = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
