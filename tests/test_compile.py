@@ -1,5 +1,6 @@
-"""torch.compile of a streamed model and of its repeated blocks: the compiled library
-model's outputs, graph breaks only at lazystream's hooks, no recompiles after the first call."""
+"""torch.compile of a streamed model and of its repeated blocks: the library model's outputs
+(eager backends) or within inductor's own bound (tests/compiled.py), graph breaks only at
+lazystream's hooks, no recompiles after the first call."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from diffusers import ZImageTransformer2DModel
 from torch._dynamo.utils import counters
 from transformers import Qwen3ForCausalLM
 
+from compiled import inductor_bound, inductor_difference, with_stale_row
 from lazystream import LazyStreamModel, streamer_of
 from lazystream.synthetic import build_qwen3, build_zimage, zimage_config, zimage_inputs
 
@@ -67,15 +69,39 @@ def test_breaks_only_at_the_hooks_and_no_recompiles(qwen3, keep_gpu):
     streamer.close()
 
 
-def test_inductor_outputs_equal_the_compiled_library_model(qwen3):
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_eager_backends_equal_the_library_model(qwen3, backend):
     path, ids = qwen3
-    want = logits(torch.compile(Qwen3ForCausalLM.from_pretrained(path)), ids)
+    want = logits(Qwen3ForCausalLM.from_pretrained(path), ids)
     model = LazyStreamModel.from_pretrained(path, 1)
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(2):
+        assert torch.equal(logits(compiled, ids), want)
+    streamer_of(model).close()
+
+
+def test_inductor_outputs_within_inductor_own_bound(qwen3, tmp_path):
+    """Inductor fuses the streamed model's graph pieces differently from the library model
+    compiled whole: bit-equality with it holds on some CPUs only. The bound (tests/compiled.py,
+    README) holds everywhere, and a stale row in a streamed block is far outside it."""
+    path, ids = qwen3
+    want = logits(Qwen3ForCausalLM.from_pretrained(path), ids)
+    bound = inductor_bound(want, logits(torch.compile(Qwen3ForCausalLM.from_pretrained(path)), ids))
+    model = LazyStreamModel.from_pretrained(path, 1)  # block 0 resident, 1-3 streamed
     compiled = torch.compile(model)
-    assert torch.equal(logits(compiled, ids), want)
+    out = logits(compiled, ids)
+    assert inductor_difference(out, want) <= bound
     first = graphs()
-    assert torch.equal(logits(compiled, ids), want)
+    assert torch.equal(logits(compiled, ids), out)  # the same kernels on the same weights
     assert graphs() == first
+    streamer_of(model).close()
+
+    # The negative control: one row of streamed block 2 from block 1, as a stale slot gives.
+    name = "model.layers.{}.mlp.down_proj.weight"
+    wrong = with_stale_row(path, tmp_path / "stale", name.format(2), name.format(1))
+    model = LazyStreamModel.from_pretrained(wrong, 1)
+    assert not streamer_of(model).plan.blocks[2].resident
+    assert inductor_difference(logits(torch.compile(model), ids), want) > 100 * bound
     streamer_of(model).close()
 
 
