@@ -307,7 +307,9 @@ def plan_with(build, request: PlanRequest, *, device: torch.device, dtype: torch
 
     def on_calibrated(measured: probe.Calibration) -> StreamPlan:
         probe.save_calibration(cache, measured)
-        return make_plan(request, build, device=device, bandwidth=bw, calibration=measured)
+        # Called at the end of the first call, with ``plan`` loaded on the device; the new
+        # plan replaces it (freed before the new one loads).
+        return make_plan(request, build, device=device, bandwidth=bw, calibration=measured, held=plan.device_bytes)
 
     return plan, on_calibrated
 
