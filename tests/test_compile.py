@@ -124,6 +124,28 @@ def test_compile_repeated_blocks_equals_the_library(tmp_path, keep_gpu):
     streamer_of(model).close()
 
 
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+@pytest.mark.parametrize("kwargs, records", [({"mode": "reduce-overhead"}, True),
+                                             ({"options": {"triton.cudagraphs": True}}, True),
+                                             ({}, False), ({"backend": "eager"}, False)])
+def test_a_hook_tells_a_compile_that_records_cuda_graphs(how, kwargs, records):
+    """What the streamer refuses on CUDA (tests/test_cuda_dropin.py): a hook at a graph break
+    runs where no capture is active, and finds the compiled caller's configuration."""
+    from lazystream.cudagraphs import compiled_for_cuda_graphs
+
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[1].register_forward_pre_hook(torch.compiler.disable(lambda m, args: seen.append(compiled_for_cuda_graphs())))
+    if how == "torch.compile":
+        torch.compile(model, **kwargs)(torch.ones(2, 4))
+    else:
+        model[1].compile(**kwargs)
+        model(torch.ones(2, 4))
+        model[1]._compiled_call_impl = None
+    model(torch.ones(2, 4))  # not compiled: never
+    assert seen == [records, False]
+
+
 def test_importing_lazystream_does_not_import_dynamo():
     """torch._dynamo costs ~70 MiB and seconds: only a model load (its class imports it anyway) may bring it."""
     import subprocess

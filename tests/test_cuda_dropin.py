@@ -136,3 +136,26 @@ def test_cuda_graph_capture_is_refused(qwen3):
         with torch.cuda.graph(graph):
             model(ids)
     streamer_of(model).close()
+
+
+@pytest.mark.parametrize("how", ["model", "blocks"])
+def test_compile_with_cuda_graphs_is_refused(qwen3, how):
+    """mode='reduce-overhead' records CUDA graphs of the pieces between the hooks; a streamed
+    block's slot holds another block at the next call: refused at the first streamed block."""
+    path, ids = qwen3
+    torch._dynamo.reset()
+    model = LazyStreamModel.from_pretrained(path, 1, device="cuda")
+    if how == "model":
+        compiled = torch.compile(model, mode="reduce-overhead")
+    else:
+        for layer in model.model.layers:
+            layer.compile(mode="reduce-overhead")
+        compiled = model
+    with pytest.raises(UnsupportedOperationError, match=r"streamed block model\.layers\.1 of Qwen3ForCausalLM runs "
+                                                        r"under torch\.compile with CUDA graphs .*reduce-overhead"):
+        logits(compiled, ids)
+    torch._dynamo.reset()
+    for layer in model.model.layers:
+        layer._compiled_call_impl = None
+    assert torch.equal(logits(model, ids), logits(Qwen3ForCausalLM.from_pretrained(path).cuda().eval(), ids))
+    streamer_of(model).close()
