@@ -39,6 +39,7 @@ def test_quick_run_measures_every_method_the_cpu_can_run(quick):
         assert row["status"] == "ok", (label, row["status"])
         assert len(row["forward_s"]) == 5 and row["median_s"] > 0
         assert row["max_abs_diff"] == 0.0, label  # every method computes the resident model's output
+        assert row["calls_compared"] == 6 and row["differing_calls"] == [], label  # at every call
         assert row["x_floor"] > 0 and row["floor_s"] >= report["resident_s"]
     assert {r["run"]["method"] for r in report["rows"] if r["status"] == "ok"} == {
         "resident", "lazystream", "device_map", "group_offload"}
