@@ -206,6 +206,36 @@ def test_auto_replan_after_the_first_call_does_not_count_the_models_own_memory(q
     streamer_of(again).close()
 
 
+def test_auto_replan_at_a_cast_does_not_count_the_models_own_memory(qwen3, monkeypatch):
+    """A .to(dtype) of a loaded model re-plans before it frees: the model's own buffers are
+    given back before the new plan loads, so they count as free."""
+    from lazystream import planner
+
+    path, ids, _ = qwen3
+    total, loaded = 1100 * 1024, []
+
+    def free_device_bytes(device):  # a device of `total` bytes, less what the loaded model holds
+        return total - sum(s.stats().device_bytes for s in loaded if s._loaded)
+
+    monkeypatch.setattr(planner, "free_device_bytes", free_device_bytes)
+    model = LazyStreamModel.from_pretrained(path, "auto", activation_reserve=0)
+    streamer = streamer_of(model)
+    loaded.append(streamer)
+    assert free_device_bytes(None) < 0.2 * total  # the model's own buffers are most of the device
+    model.to(torch.float64)  # twice the bytes per block: fewer fit, but within the whole device
+    cast = streamer.plan
+    assert cast.dtype == torch.float64 and cast.keep_gpu < LAYERS
+    with torch.no_grad():
+        want = Qwen3ForCausalLM.from_pretrained(path).to(torch.float64).eval()(ids).logits
+        assert torch.equal(model(ids).logits, want)
+    streamer.close()
+    # The plan a float64 load makes on the whole free device.
+    fresh = streamer_of(LazyStreamModel.from_pretrained(path, "auto", activation_reserve=0, dtype=torch.float64,
+                                                        load=False)).plan
+    assert (cast.keep_gpu, cast.device_bytes, cast.budget.device_bytes) == \
+        (fresh.keep_gpu, fresh.device_bytes, fresh.budget.device_bytes)
+
+
 @pytest.mark.parametrize("keep_gpu", [0, 2, 5])
 def test_cost_placement_outputs_equal(qwen3, keep_gpu):
     path, ids, want = qwen3
