@@ -55,3 +55,31 @@ def with_stale_row(path: Path, out: Path, tensor: str, from_tensor: str, row: in
     tensors[tensor][row] = stale
     save_file(tensors, shard, metadata=metadata)
     return out
+
+
+def library_recompiles(model: torch.nn.Module, hooked: list[str], call, calls: int) -> int:
+    """Graphs dynamo adds after the first of ``calls`` calls (``call(compiled)``) to the library's
+    ``model`` with a graph break before and after each module in ``hooked``, as lazystream's
+    hooks make: what torch and the model library recompile at such breaks by themselves
+    (transformers 5.17 recompiles a decoder layer once at the second call; 5.25 does not).
+    lazystream must add none to it. Resets dynamo before and after."""
+    from torch._dynamo.utils import counters
+
+    modules = dict(model.named_modules())
+    handles = []
+    for name in hooked:
+        handles.append(modules[name].register_forward_pre_hook(torch.compiler.disable(lambda m, args: None)))
+        handles.append(modules[name].register_forward_hook(torch.compiler.disable(lambda m, args, out: None)))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    call(compiled)
+    first = counters["stats"]["unique_graphs"]
+    for _ in range(calls - 1):
+        call(compiled)
+    added = counters["stats"]["unique_graphs"] - first
+    for handle in handles:
+        handle.remove()
+    torch._dynamo.reset()
+    counters.clear()
+    return added

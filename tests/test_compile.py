@@ -11,7 +11,7 @@ from diffusers import ZImageTransformer2DModel
 from torch._dynamo.utils import counters
 from transformers import Qwen3ForCausalLM
 
-from compiled import inductor_bound, inductor_difference, with_stale_row
+from compiled import inductor_bound, inductor_difference, library_recompiles, with_stale_row
 from lazystream import LazyStreamModel, streamer_of
 from lazystream.synthetic import build_qwen3, build_zimage, zimage_config, zimage_inputs
 
@@ -50,8 +50,11 @@ def break_reasons() -> list[str]:
 @pytest.mark.parametrize("keep_gpu", [0, 1, 100])
 def test_breaks_only_at_the_hooks_and_no_recompiles(qwen3, keep_gpu):
     path, ids = qwen3
-    want = logits(Qwen3ForCausalLM.from_pretrained(path), ids)
+    library = Qwen3ForCausalLM.from_pretrained(path)
+    want = logits(library, ids)
     model = LazyStreamModel.from_pretrained(path, keep_gpu)
+    streamed = [b.path for b in streamer_of(model).plan.blocks if not b.resident]
+    baseline = library_recompiles(library, streamed, lambda m: logits(m, ids), calls=4)
     compiled = torch.compile(model, backend="eager")
     assert torch.equal(logits(compiled, ids), want)
     first = graphs()
@@ -65,7 +68,8 @@ def test_breaks_only_at_the_hooks_and_no_recompiles(qwen3, keep_gpu):
             assert torch.equal(logits(compiled, ids), want)
     streamer.unload()  # new buffers, same graphs
     assert torch.equal(logits(compiled, ids), want)
-    assert graphs() == first and break_reasons() == reasons
+    assert graphs() - first <= baseline  # none but those the library model makes at the same breaks
+    assert set(break_reasons()) == set(reasons)
     streamer.close()
 
 
@@ -85,15 +89,22 @@ def test_inductor_outputs_within_inductor_own_bound(qwen3, tmp_path):
     compiled whole: bit-equality with it holds on some CPUs only. The bound (tests/compiled.py,
     README) holds everywhere, and a stale row in a streamed block is far outside it."""
     path, ids = qwen3
-    want = logits(Qwen3ForCausalLM.from_pretrained(path), ids)
-    bound = inductor_bound(want, logits(torch.compile(Qwen3ForCausalLM.from_pretrained(path)), ids))
+    library = Qwen3ForCausalLM.from_pretrained(path)
+    want = logits(library, ids)
     model = LazyStreamModel.from_pretrained(path, 1)  # block 0 resident, 1-3 streamed
+    streamed = [b.path for b in streamer_of(model).plan.blocks if not b.resident]
+    baseline = library_recompiles(library, streamed, lambda m: logits(m, ids), calls=2)
+    bound = inductor_bound(want, logits(torch.compile(library), ids))
+    torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(model)
     out = logits(compiled, ids)
     assert inductor_difference(out, want) <= bound
     first = graphs()
-    assert torch.equal(logits(compiled, ids), out)  # the same kernels on the same weights
-    assert graphs() == first
+    # The same kernels on the same weights, unless a recompile (one the library makes too) changed them.
+    second = logits(compiled, ids)
+    assert graphs() - first <= baseline
+    assert torch.equal(second, out) or (baseline and inductor_difference(second, want) <= bound)
     streamer_of(model).close()
 
     # The negative control: one row of streamed block 2 from block 1, as a stale slot gives.
