@@ -62,7 +62,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_TESTS = ["tests/test_cuda.py", "tests/test_cuda_dropin.py"]
+# Every test marked cuda: these files hold them all (tests/test_probe.py also holds CPU tests,
+# deselected by -m cuda).
+CUDA_TESTS = ["tests/test_cuda.py", "tests/test_cuda_dropin.py", "tests/test_probe.py"]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing there reaches the network; never wait for it
@@ -178,7 +180,8 @@ def machine(work: Path, rec: Recorder) -> dict:
 
 def start_tests(args: argparse.Namespace, rec: Recorder) -> tuple[subprocess.Popen, object]:
     log = open(args.out / "cuda_tests.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+                             "--durations=15", *CUDA_TESTS],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     rec.log(f"pytest {' '.join(CUDA_TESTS)} started (pid {proc.pid}, killed after {args.pytest_timeout:.0f} s)")
     return proc, log
