@@ -3,8 +3,9 @@
 The probe measures what bounds streaming: host memcpy from the page cache (what a
 read of a cached shard costs), storage reads, and on CUDA pinned host-to-device
 copies (timed with events on the device). The device's rates are cached per machine
-and device, the read rate per machine and file system. A calibration is one real call of the model with
-every block timed; it is cached per machine, checkpoint, dtype and device.
+and device, the read rate per machine and file system. A calibration is one real call
+of the model with every block timed; it is cached per machine, checkpoint, dtype and
+device.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
