@@ -67,7 +67,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_cuda_dropin.py", "tests/test_probe.py"]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-os.environ["HF_HUB_OFFLINE"] = "1"  # nothing there reaches the network; never wait for it
 
 # Qwen3-8B's layer dimensions (386 MB per block in bfloat16) with 8 blocks and a small
 # vocabulary: real block sizes for the copy engine, 3.6 GB to build.
@@ -274,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--tokens", type=int, help="tokens per forward (default 512 on CUDA, 8 with --quick)")
     args = parser.parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing there reaches the network; never wait for it (children too)
     rec = Recorder(args.out)
     args.work.mkdir(parents=True, exist_ok=True)
     info = machine(args.work, rec)
