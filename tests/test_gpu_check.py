@@ -58,7 +58,7 @@ def test_a_lazystream_run_passes_only_if_every_call_was_equal(row, passed):
 
 @pytest.fixture(scope="module")
 def stress(tmp_path_factory):
-    path = gpu_ordering.build_stress_checkpoint(tmp_path_factory.mktemp("ordering"))
+    path = gpu_ordering.build_stress_checkpoint(tmp_path_factory.mktemp("ordering") / "qwen3")
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     from transformers import AutoModelForCausalLM
 

@@ -210,9 +210,11 @@ class Ordering(threading.Thread):
         self.args, self.rec, self.passed = args, rec, False
 
     def run(self) -> None:
-        from gpu_ordering import RESULT_PREFIX, build_stress_checkpoint
+        from gpu_ordering import RESULT_PREFIX
 
-        checkpoint = build_stress_checkpoint(self.args.work)
+        # Built by the first child, not in this thread: the main thread is importing the same
+        # libraries to build the large checkpoint meanwhile.
+        checkpoint = self.args.work / "ordering-qwen3"
         passed = True
         for io in ("mmap", "direct", "register"):
             cmd = [sys.executable, str(ROOT / "tools" / "gpu_ordering.py"), str(checkpoint),

@@ -73,11 +73,11 @@ def cases(io: str) -> list[Case]:
     return found
 
 
-def build_stress_checkpoint(work: Path) -> Path:
-    """A float32 Qwen3 of 6 blocks, sharded so that blocks straddle files (built once)."""
+def build_stress_checkpoint(path: Path) -> Path:
+    """A float32 Qwen3 of 6 blocks at ``path``, sharded so that blocks straddle files (built
+    once: a folder with a config.json is taken as built)."""
     from lazystream.synthetic import build_qwen3
 
-    path = work / "ordering-qwen3"
     if not (path / "config.json").is_file():
         build_qwen3(path, STRESS_CHECKPOINT, max_shard_size="200KB", seed=3)
     return path
@@ -172,7 +172,7 @@ def run_case(case: Case, checkpoint: Path, device, io: str, ids, want, calls: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=Path, help="built there first if it is not (build_stress_checkpoint)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--io", default="mmap", choices=("mmap", "direct", "register"))
     parser.add_argument("--calls", type=int, default=6)
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    build_stress_checkpoint(args.checkpoint)
     device = torch.device(args.device)
     ids = torch.randint(0, STRESS_CHECKPOINT["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
