@@ -348,22 +348,26 @@ def make_model_plan(model: nn.Module, records: Mapping[str, TensorRecord], reque
 
 
 def plan_with(build, request: PlanRequest, *, device: torch.device, dtype: torch.dtype, measure: bool,
-              checkpoint_id: str, shard: Path | None, casts: Mapping[str, tuple[torch.dtype, ...]] | None = None):
+              checkpoint_id: str, shard: Path | None, casts: Mapping[str, tuple[torch.dtype, ...]] | None = None,
+              held: int = 0):
     """make_model_plan with the tensors already matched (``build`` from plan_builder), on
-    ``device`` and, after a ``.to()`` of the model, with each tensor's ``casts``."""
+    ``device`` and, after a ``.to()`` of the model, with each tensor's ``casts``. ``held``:
+    device bytes the model holds on ``device`` now, given back before the new plan loads."""
     build = functools.partial(build, on=device, casts=casts, default=dtype)
     if not (measure or request.keep_gpu == "auto" or request.placement == "cost"):
         return build(keep_gpu=request.keep_gpu, placement=request.placement, prefetch=request.prefetch), None
     bw = probe.bandwidth(device, shard)
     cache = probe.calibration_path(device, checkpoint_id, dtype)
     calibration = probe.load_calibration(cache)
-    plan = make_plan(request, build, device=device, bandwidth=bw, calibration=calibration)
+    plan = make_plan(request, build, device=device, bandwidth=bw, calibration=calibration, held=held)
     if calibration is not None or not request.needs_calibration:
         return plan, None
 
     def on_calibrated(measured: probe.Calibration) -> StreamPlan:
         probe.save_calibration(cache, measured)
-        return make_plan(request, build, device=device, bandwidth=bw, calibration=measured)
+        # Called at the end of the first call, with ``plan`` loaded on the device; the new
+        # plan replaces it (freed before the new one loads).
+        return make_plan(request, build, device=device, bandwidth=bw, calibration=measured, held=plan.device_bytes)
 
     return plan, on_calibrated
 
@@ -379,12 +383,19 @@ def _attach(model, ckpt, request: PlanRequest, *, device, dtype, blocks, io, own
     device = resolve_device(device)
     build = plan_builder(model, sources if sources is not None else sources_for(model, ckpt), find_blocks(model, blocks),
                          dtype=dtype, family=family or family_of(model, dtype, built_here=built_here), device=device)
-    replan = functools.partial(plan_with, build, request, measure=False, checkpoint_id=checkpoint_id(ckpt),
-                               shard=ckpt.shard_paths[0])
+    made: list[Streamer] = []  # a re-plan of a loaded model (a .to()) counts what it holds as free
+    ident = checkpoint_id(ckpt)
+
+    def replan(*, device: torch.device, dtype: torch.dtype, casts=None):
+        held = made[0].stats().device_bytes if made and made[0].device == device else 0
+        return plan_with(build, request, measure=False, checkpoint_id=ident, shard=ckpt.shard_paths[0],
+                         device=device, dtype=dtype, casts=casts, held=held)
+
     plan, on_calibrated = replan(device=device, dtype=dtype)
     check_within_budget(plan, request)
     streamer = Streamer(model, ckpt, plan, io or IOConfig(), owns_checkpoint=owns_checkpoint,
                         on_calibrated=on_calibrated, replan=replan)
+    made.append(streamer)
     try:
         if load:
             streamer.load()

@@ -98,9 +98,12 @@ def make_plan(
     device: torch.device,
     bandwidth: Bandwidth,
     calibration: Calibration | None,
+    held: int = 0,
 ) -> StreamPlan:
     """The plan for ``request``. ``build(keep_gpu=, placement=, prefetch=, resident=)``
-    lays out one candidate (plan.build_plan with the model's arguments bound).
+    lays out one candidate (plan.build_plan with the model's arguments bound). ``held``:
+    device bytes the model itself holds now and gives back before this plan loads (its
+    current plan's, when re-planning a loaded model); the free memory counts them as free.
 
     Raises:
         DeviceMemoryError: keep_gpu="auto" and not even keep_gpu=0 fits the budget.
@@ -119,7 +122,9 @@ def make_plan(
 
     budget, source = request.max_gpu_memory, "max_gpu_memory"
     if budget is None:
-        budget = int(free_device_bytes(device) * (1 - FREE_MEMORY_RESERVE_SHARE))
+        # The model's own buffers are not "used" by someone else: counted as used, a re-plan
+        # after the first call would shrink the resident set by the model's own size.
+        budget = int((free_device_bytes(device) + held) * (1 - FREE_MEMORY_RESERVE_SHARE))
         source = f"free {device.type} memory less {FREE_MEMORY_RESERVE_SHARE:.0%}"
     if request.activation_reserve is not None:
         activation, how = request.activation_reserve, "activation_reserve"

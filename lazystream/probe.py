@@ -2,8 +2,10 @@
 
 The probe measures what bounds streaming: host memcpy from the page cache (what a
 read of a cached shard costs), storage reads, and on CUDA pinned host-to-device
-copies (timed with events on the device). A calibration is one real call of the model with every block timed; it is
-cached per machine, checkpoint, dtype and device.
+copies (timed with events on the device). The device's rates are cached per machine
+and device, the read rate per machine and file system. A calibration is one real call
+of the model with every block timed; it is cached per machine, checkpoint, dtype and
+device.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,22 +59,24 @@ def _median_rate(fn, nbytes: int, repeat: int = 5) -> float:
     return nbytes / max(statistics.median(times), 1e-9)
 
 
-def measure_bandwidth(device: torch.device, shard: Path | None = None) -> Bandwidth:
-    """Measure the probe (about a second). ``shard``: a file to time reads of."""
+def measure_device(device: torch.device) -> dict[str, float | None]:
+    """Host memcpy and, on CUDA, pinned host-to-device bytes per second (about a second)."""
     src = torch.randint(0, 255, (PROBE_BYTES,), dtype=torch.uint8)
     dst = torch.empty_like(src)
     memcpy = _median_rate(lambda: dst.copy_(src), PROBE_BYTES)
-    read = memcpy
-    if shard is not None and shard.stat().st_size >= 2**20:
-        # The path streamed bytes take: a copy out of the shard's mapping (page cache, or
-        # the disk where the pages are not cached).
-        import numpy as np
-
-        size = min(shard.stat().st_size, PROBE_BYTES)
-        mapped = torch.from_numpy(np.memmap(shard, dtype=np.uint8, mode="c", shape=(size,)))
-        read = _median_rate(lambda: dst[:size].copy_(mapped), size, repeat=3)
     h2d = PROBE_BYTES / statistics.median(h2d_seconds(device, PROBE_BYTES)) if device.type == "cuda" else None
-    return Bandwidth(memcpy=memcpy, read=read, h2d=h2d)
+    return {"memcpy": memcpy, "h2d": h2d}
+
+
+def measure_read(shard: Path) -> float:
+    """Bytes per second of the path streamed bytes take: a copy out of the shard's mapping
+    (page cache, or the disk where the pages are not cached)."""
+    import numpy as np
+
+    size = min(shard.stat().st_size, PROBE_BYTES)
+    mapped = torch.from_numpy(np.memmap(shard, dtype=np.uint8, mode="c", shape=(size,)))
+    dst = torch.empty(size, dtype=torch.uint8)
+    return _median_rate(lambda: dst.copy_(mapped), size, repeat=3)
 
 
 def h2d_seconds(device: torch.device, nbytes: int, repeat: int = 5) -> list[float]:
@@ -79,33 +84,56 @@ def h2d_seconds(device: torch.device, nbytes: int, repeat: int = 5) -> list[floa
     device memory (after one warm-up), each timed by events on a stream of its own around
     the copy: the copy engine's time, not the host's."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device)
+    # The side stream first waits for the caller's stream; then the destination is allocated
+    # on the side stream itself. Allocated on the caller's stream instead, it could be a block
+    # that stream's pending kernels still read (the caching allocator reuses a freed block at
+    # once for the stream that freed it), and the copies here would overwrite it under them.
+    stream.wait_stream(torch.cuda.current_stream(device))
     seconds = []
     with torch.cuda.device(device), torch.cuda.stream(stream):
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
         for i in range(repeat + 1):
             start = torch.cuda.Event(enable_timing=True, blocking=True)
             end = torch.cuda.Event(enable_timing=True, blocking=True)
             start.record(stream)
             dst.copy_(src, non_blocking=True)
             end.record(stream)
-            end.synchronize()
+            end.synchronize()  # also: dst and src are freed at return with no copy in flight
             if i:
                 seconds.append(start.elapsed_time(end) / 1e3)
     return seconds
 
 
 def bandwidth(device: torch.device, shard: Path | None = None, *, refresh: bool = False) -> Bandwidth:
-    """The cached probe for this machine and device, measured on first use."""
-    key = _machine_key(device) + ("-" + hashlib.sha1(str(shard.parent).encode()).hexdigest()[:8] if shard else "")
-    path = cache_dir() / "probe" / f"{key}.json"
+    """The cached probe for this machine and device, measured on first use.
+
+    The device's rates are one measurement under one key, whoever asks first: the planner
+    (with ``shard``) or the loader sizing its staging ring (without). The read rate of
+    ``shard`` is cached apart, per file system it lives on; without a shard (or for one
+    under 1 MiB) it is taken as the memcpy rate.
+    """
+    key = _machine_key(device)
+    rates = _cached(cache_dir() / "probe" / f"{key}.json", lambda: measure_device(device), refresh,
+                    ("memcpy", "h2d"))
+    read = rates["memcpy"]
+    if shard is not None and shard.stat().st_size >= 2**20:
+        storage = f"{key}-read-{shard.stat().st_dev:x}"
+        read = _cached(cache_dir() / "probe" / f"{storage}.json", lambda: {"read": measure_read(shard)}, refresh,
+                       ("read",))["read"]
+    return Bandwidth(memcpy=rates["memcpy"], read=read, h2d=rates["h2d"])
+
+
+def _cached(path: Path, measure: Callable[[], dict], refresh: bool, keys: tuple[str, ...]) -> dict:
     if not refresh and path.is_file():
         try:
-            return Bandwidth(**json.loads(path.read_text()))
-        except (ValueError, TypeError):
-            pass  # an unreadable cache is measured again
-    result = measure_bandwidth(device, shard)
-    _write_json(path, asdict(result))
+            cached = json.loads(path.read_text())
+            if isinstance(cached, dict) and all(k in cached for k in keys):
+                return cached
+        except ValueError:
+            pass
+    result = measure()  # none cached, or unreadable: measured again
+    _write_json(path, result)
     return result
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from .buffers import Bound, DeviceBuffers, Slot, out_of_memory
 from .checkpoint import Checkpoint, CopyRun, copy_runs, read_value
+from .cudagraphs import refuse_cuda_graph_compile
 from .devices import device_ops
 from .errors import ClosedError, UnsupportedOperationError
 from .grads import GradGuard, refuse_backward
@@ -384,6 +385,8 @@ class Streamer:
     def _pre_block(self, index: int, module: nn.Module, args: tuple) -> None:
         if self.plan.blocks[index].resident:
             return
+        if self.ops.is_cuda:
+            refuse_cuda_graph_compile(type(self.model).__name__, self.plan.blocks[index].path)
         if self._depth == 0 or self._owner != threading.get_ident():
             # A submodule holding the blocks was called directly, not the model.
             self._enter()

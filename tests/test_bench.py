@@ -39,6 +39,7 @@ def test_quick_run_measures_every_method_the_cpu_can_run(quick):
         assert row["status"] == "ok", (label, row["status"])
         assert len(row["forward_s"]) == 5 and row["median_s"] > 0
         assert row["max_abs_diff"] == 0.0, label  # every method computes the resident model's output
+        assert row["calls_compared"] == 6 and row["differing_calls"] == [], label  # at every call
         assert row["x_floor"] > 0 and row["floor_s"] >= report["resident_s"]
     assert {r["run"]["method"] for r in report["rows"] if r["status"] == "ok"} == {
         "resident", "lazystream", "device_map", "group_offload"}
@@ -246,7 +247,7 @@ GPU 00000000:19:00.0
 def _gpu_check(monkeypatch):
     import importlib.util
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the module sets it; restored after the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as its main() does; restored after the test
     spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "tools" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -282,10 +283,18 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
                           "--work", str(tmp_path / "work"), "--only", "keep=0 spread mmap$", "--calls", "2"],
                          cwd=root, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    kinds = [json.loads(line)["kind"] for line in (out / "results.jsonl").read_text().splitlines()]
-    # The CUDA tests run while the checkpoint is built and end before the probes.
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # The CUDA tests and the ordering stress run while the checkpoint is built, and end
+    # before the probes.
+    ordering = [line for line in lines if line["kind"] == "ordering"]
+    kinds = [line["kind"] for line in lines if line["kind"] != "ordering"]
     assert kinds[0] == "machine" and set(kinds[1:3]) == {"cuda_tests", "checkpoint"}
-    assert kinds[3:] == ["probes", "run", "run"]
+    assert kinds[3:] == ["ordering_summary", "probes", "run", "run", "verdict"]
+    assert lines.index(ordering[-1]) < lines.index(next(line for line in lines if line["kind"] == "probes"))
+    assert {line["io"] for line in ordering} == {"mmap", "direct", "register"}
+    assert all(line["status"] in ("ok", "not applicable on CPU") for line in ordering)
+    assert all(line["status"] == "not applicable on CPU" for line in ordering if line["control"])
+    assert lines[-1]["passed"] is True
     machine = json.loads((out / "machine.json").read_text())
     assert {"cpu", "memory_bytes", "torch", "transformers", "diffusers", "gpu", "disk"} <= set(machine)
     report = json.loads((out / "bench.json").read_text())

@@ -1,5 +1,6 @@
-"""torch.compile of a streamed model and of its repeated blocks: the compiled library
-model's outputs, graph breaks only at lazystream's hooks, no recompiles after the first call."""
+"""torch.compile of a streamed model and of its repeated blocks: the library model's outputs
+(eager backends) or within inductor's own bound (tests/compiled.py), graph breaks only at
+lazystream's hooks, no recompiles after the first call."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from diffusers import ZImageTransformer2DModel
 from torch._dynamo.utils import counters
 from transformers import Qwen3ForCausalLM
 
+from compiled import inductor_bound, inductor_difference, library_recompiles, with_stale_row
 from lazystream import LazyStreamModel, streamer_of
 from lazystream.synthetic import build_qwen3, build_zimage, zimage_config, zimage_inputs
 
@@ -48,8 +50,11 @@ def break_reasons() -> list[str]:
 @pytest.mark.parametrize("keep_gpu", [0, 1, 100])
 def test_breaks_only_at_the_hooks_and_no_recompiles(qwen3, keep_gpu):
     path, ids = qwen3
-    want = logits(Qwen3ForCausalLM.from_pretrained(path), ids)
+    library = Qwen3ForCausalLM.from_pretrained(path)
+    want = logits(library, ids)
     model = LazyStreamModel.from_pretrained(path, keep_gpu)
+    streamed = [b.path for b in streamer_of(model).plan.blocks if not b.resident]
+    baseline = library_recompiles(library, streamed, lambda m: logits(m, ids), calls=4)
     compiled = torch.compile(model, backend="eager")
     assert torch.equal(logits(compiled, ids), want)
     first = graphs()
@@ -63,19 +68,51 @@ def test_breaks_only_at_the_hooks_and_no_recompiles(qwen3, keep_gpu):
             assert torch.equal(logits(compiled, ids), want)
     streamer.unload()  # new buffers, same graphs
     assert torch.equal(logits(compiled, ids), want)
-    assert graphs() == first and break_reasons() == reasons
+    assert graphs() - first <= baseline  # none but those the library model makes at the same breaks
+    assert set(break_reasons()) == set(reasons)
     streamer.close()
 
 
-def test_inductor_outputs_equal_the_compiled_library_model(qwen3):
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_eager_backends_equal_the_library_model(qwen3, backend):
     path, ids = qwen3
-    want = logits(torch.compile(Qwen3ForCausalLM.from_pretrained(path)), ids)
+    want = logits(Qwen3ForCausalLM.from_pretrained(path), ids)
     model = LazyStreamModel.from_pretrained(path, 1)
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(2):
+        assert torch.equal(logits(compiled, ids), want)
+    streamer_of(model).close()
+
+
+def test_inductor_outputs_within_inductor_own_bound(qwen3, tmp_path):
+    """Inductor fuses the streamed model's graph pieces differently from the library model
+    compiled whole: bit-equality with it holds on some CPUs only. The bound (tests/compiled.py,
+    README) holds everywhere, and a stale row in a streamed block is far outside it."""
+    path, ids = qwen3
+    library = Qwen3ForCausalLM.from_pretrained(path)
+    want = logits(library, ids)
+    model = LazyStreamModel.from_pretrained(path, 1)  # block 0 resident, 1-3 streamed
+    streamed = [b.path for b in streamer_of(model).plan.blocks if not b.resident]
+    baseline = library_recompiles(library, streamed, lambda m: logits(m, ids), calls=2)
+    bound = inductor_bound(want, logits(torch.compile(library), ids))
+    torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(model)
-    assert torch.equal(logits(compiled, ids), want)
+    out = logits(compiled, ids)
+    assert inductor_difference(out, want) <= bound
     first = graphs()
-    assert torch.equal(logits(compiled, ids), want)
-    assert graphs() == first
+    # The same kernels on the same weights, unless a recompile (one the library makes too) changed them.
+    second = logits(compiled, ids)
+    assert graphs() - first <= baseline
+    assert torch.equal(second, out) or (baseline and inductor_difference(second, want) <= bound)
+    streamer_of(model).close()
+
+    # The negative control: one row of streamed block 2 from block 1, as a stale slot gives.
+    name = "model.layers.{}.mlp.down_proj.weight"
+    wrong = with_stale_row(path, tmp_path / "stale", name.format(2), name.format(1))
+    model = LazyStreamModel.from_pretrained(wrong, 1)
+    assert not streamer_of(model).plan.blocks[2].resident
+    assert inductor_difference(logits(torch.compile(model), ids), want) > 100 * bound
     streamer_of(model).close()
 
 
@@ -96,6 +133,28 @@ def test_compile_repeated_blocks_equals_the_library(tmp_path, keep_gpu):
     assert graphs() == first
     assert all(any(hook in reason for hook in HOOKS) for reason in break_reasons())
     streamer_of(model).close()
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+@pytest.mark.parametrize("kwargs, records", [({"mode": "reduce-overhead"}, True),
+                                             ({"options": {"triton.cudagraphs": True}}, True),
+                                             ({}, False), ({"backend": "eager"}, False)])
+def test_a_hook_tells_a_compile_that_records_cuda_graphs(how, kwargs, records):
+    """What the streamer refuses on CUDA (tests/test_cuda_dropin.py): a hook at a graph break
+    runs where no capture is active, and finds the compiled caller's configuration."""
+    from lazystream.cudagraphs import compiled_for_cuda_graphs
+
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[1].register_forward_pre_hook(torch.compiler.disable(lambda m, args: seen.append(compiled_for_cuda_graphs())))
+    if how == "torch.compile":
+        torch.compile(model, **kwargs)(torch.ones(2, 4))
+    else:
+        model[1].compile(**kwargs)
+        model(torch.ones(2, 4))
+        model[1]._compiled_call_impl = None
+    model(torch.ones(2, 4))  # not compiled: never
+    assert seen == [records, False]
 
 
 def test_importing_lazystream_does_not_import_dynamo():

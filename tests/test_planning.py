@@ -169,6 +169,73 @@ def test_first_call_calibrates_then_the_cache_is_used(qwen3):
     streamer_of(again).close()
 
 
+@pytest.mark.parametrize("placement", ["spread", "cost"])
+def test_auto_replan_after_the_first_call_does_not_count_the_models_own_memory(qwen3, monkeypatch, tmp_path,
+                                                                               placement):
+    """No max_gpu_memory: the budget is the free device memory. At the re-plan after the
+    calibration call the model's own buffers are allocated; counted as used by someone
+    else, they shrank the resident set (or left no plan at all: DeviceMemoryError)."""
+    from lazystream import planner
+
+    monkeypatch.setenv("LAZYSTREAM_CACHE", str(tmp_path))  # no calibration cached yet
+    path, ids, want = qwen3
+    total, loaded = 700 * 1024, []
+
+    def free_device_bytes(device):  # a device of `total` bytes, less what the loaded model holds
+        return total - sum(s.stats().device_bytes for s in loaded if s._loaded)
+
+    monkeypatch.setattr(planner, "free_device_bytes", free_device_bytes)
+    model = LazyStreamModel.from_pretrained(path, "auto", placement=placement)
+    streamer = streamer_of(model)
+    loaded.append(streamer)
+    first = streamer.plan
+    assert 0 < first.keep_gpu < LAYERS and "10% until the first call" in str(first)
+    assert free_device_bytes(None) < 0.5 * total  # the model's own buffers are most of the device
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)  # calibrates, then re-plans
+    replanned = streamer.plan
+    assert "measured on the first call" in str(replanned)
+    assert replanned.budget.device_bytes == first.budget.device_bytes
+    assert streamer.stats().device_bytes == replanned.device_bytes <= replanned.budget.device_bytes
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    streamer.close()
+    # The plan a load with the calibration cached makes, on the whole free device.
+    again = LazyStreamModel.from_pretrained(path, "auto", placement=placement, load=False)
+    assert streamer_of(again).plan == replanned
+    streamer_of(again).close()
+
+
+def test_auto_replan_at_a_cast_does_not_count_the_models_own_memory(qwen3, monkeypatch):
+    """A .to(dtype) of a loaded model re-plans before it frees: the model's own buffers are
+    given back before the new plan loads, so they count as free."""
+    from lazystream import planner
+
+    path, ids, _ = qwen3
+    total, loaded = 1100 * 1024, []
+
+    def free_device_bytes(device):  # a device of `total` bytes, less what the loaded model holds
+        return total - sum(s.stats().device_bytes for s in loaded if s._loaded)
+
+    monkeypatch.setattr(planner, "free_device_bytes", free_device_bytes)
+    model = LazyStreamModel.from_pretrained(path, "auto", activation_reserve=0)
+    streamer = streamer_of(model)
+    loaded.append(streamer)
+    assert free_device_bytes(None) < 0.2 * total  # the model's own buffers are most of the device
+    model.to(torch.float64)  # twice the bytes per block: fewer fit, but within the whole device
+    cast = streamer.plan
+    assert cast.dtype == torch.float64 and cast.keep_gpu < LAYERS
+    with torch.no_grad():
+        want = Qwen3ForCausalLM.from_pretrained(path).to(torch.float64).eval()(ids).logits
+        assert torch.equal(model(ids).logits, want)
+    streamer.close()
+    # The plan a float64 load makes on the whole free device.
+    fresh = streamer_of(LazyStreamModel.from_pretrained(path, "auto", activation_reserve=0, dtype=torch.float64,
+                                                        load=False)).plan
+    assert (cast.keep_gpu, cast.device_bytes, cast.budget.device_bytes) == \
+        (fresh.keep_gpu, fresh.device_bytes, fresh.budget.device_bytes)
+
+
 @pytest.mark.parametrize("keep_gpu", [0, 2, 5])
 def test_cost_placement_outputs_equal(qwen3, keep_gpu):
     path, ids, want = qwen3

@@ -1,32 +1,44 @@
-"""The GPU check: one prepared shot on the device machine, under 6 minutes on an H100/H200.
+"""The GPU check: one prepared shot on the device machine, about 6 minutes on an H100/H200.
 
     python tools/gpu_check.py [--out DIR] [--full] [--device cuda|cpu] [--quick]
                               [--run-timeout 90] [--pytest-timeout 240] [--only REGEX]
 
-Every result is written to DIR (default $OUT, else /tmp/gpu-check) the moment it is
-known, so a run killed at its time limit keeps everything before that point:
+Runs from the checkout with no install and no network (it puts the checkout on sys.path;
+``pip install --no-build-isolation --no-deps -e .`` works too). Every result is written to
+DIR (default $OUT, else /tmp/gpu-check) the moment it is known, so a run killed at its
+time limit keeps everything before that point:
 
   machine.json     GPU name, driver and CUDA versions, PCIe generation and width (from
                    ``nvidia-smi -q``, also kept whole in nvidia-smi.txt), CPU, RAM, the
                    disk, the versions of torch, transformers, diffusers, accelerate
-  results.jsonl    one JSON object per finished step: the CUDA tests, the checkpoint,
-                   the probes, each run (flushed and fsynced line by line)
+  results.jsonl    one JSON object per finished step: the CUDA tests, each ordering case,
+                   the checkpoint, the probes, each run, the verdict (flushed and fsynced
+                   line by line)
   cuda_tests.log   pytest on the CUDA tests (CUDA_TESTS), written as it runs
+  ordering-*.log   the ordering stress's stderr, per io mode
   progress.log     what ran when
   bench.json, bench.md   the table, the floor and the targets, rewritten after every run
 
-Steps: pytest of the CUDA tests in the background (killed after --pytest-timeout)
-while a bfloat16 Qwen3 at Qwen3-8B's layer dimensions (8 blocks of 386 MB, a 32000-token
-vocabulary, random weights, built there from lazystream.synthetic) is written; then the
-floor's probes; then each run in a process of its own, killed after --run-timeout:
-lazystream at keep_gpu 0, half and all, with the shard mappings registered, with the
-single-thread ring it replaced, and cold with O_DIRECT; the library's resident model;
-and the peers a user would pick: sequential offload (accelerate cpu_offload), diffusers
-group offloading at block level with streams, the first-N-resident mixin. ``--full``
-adds every other run of ``lazystream bench``.
+Steps: pytest of the CUDA tests in the background (killed after --pytest-timeout), and
+the ordering stress (tools/gpu_ordering.py: every call against the resident model under
+sleep kernels on the copy and compute streams, on a user's side stream, in every io mode,
+with negative controls that remove a wait and must give wrong outputs; one process per
+io mode, killed after --run-timeout), while a bfloat16 Qwen3 at Qwen3-8B's layer
+dimensions (8 blocks of 386 MB, a 32000-token vocabulary, random weights, built there
+from lazystream.synthetic) is written; then the floor's probes; then each run in a
+process of its own, killed after --run-timeout: lazystream at keep_gpu 0, half and all,
+with the shard mappings registered, with the single-thread ring it replaced, and cold
+with O_DIRECT; the library's resident model; and the peers a user would pick: sequential
+offload (accelerate cpu_offload), diffusers group offloading at block level with
+streams, the first-N-resident mixin. ``--full`` adds every other run of ``lazystream
+bench``. Every call of every run is compared with the resident model's output.
+
+The exit status is 0 only if the CUDA tests passed, every ordering case passed (each
+control differed), and every lazystream run equalled the resident model at every call.
 
 ``--device cpu --quick`` runs the same script end to end on a machine without a GPU (a
-tiny checkpoint; runs that need CUDA are listed as such), in a few minutes.
+tiny checkpoint; runs that need CUDA are listed as such, the controls as "not applicable
+on CPU"), in a few minutes.
 
 diffusers is not on the device image: carry its wheel (README.md, "On a GPU machine");
 without it the group-offloading run says "needs diffusers".
@@ -43,15 +55,18 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_TESTS = ["tests/test_cuda.py", "tests/test_cuda_dropin.py"]
+# Every test marked cuda: these files hold them all (tests/test_probe.py also holds CPU tests,
+# deselected by -m cuda).
+CUDA_TESTS = ["tests/test_cuda.py", "tests/test_cuda_dropin.py", "tests/test_probe.py"]
 sys.path.insert(0, str(ROOT))
-os.environ["HF_HUB_OFFLINE"] = "1"  # nothing there reaches the network; never wait for it
+sys.path.insert(0, str(ROOT / "tools"))
 
 # Qwen3-8B's layer dimensions (386 MB per block in bfloat16) with 8 blocks and a small
 # vocabulary: real block sizes for the copy engine, 3.6 GB to build.
@@ -164,13 +179,14 @@ def machine(work: Path, rec: Recorder) -> dict:
 
 def start_tests(args: argparse.Namespace, rec: Recorder) -> tuple[subprocess.Popen, object]:
     log = open(args.out / "cuda_tests.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+                             "--durations=15", *CUDA_TESTS],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     rec.log(f"pytest {' '.join(CUDA_TESTS)} started (pid {proc.pid}, killed after {args.pytest_timeout:.0f} s)")
     return proc, log
 
 
-def finish_tests(proc: subprocess.Popen, log, started: float, args: argparse.Namespace, rec: Recorder) -> None:
+def finish_tests(proc: subprocess.Popen, log, started: float, args: argparse.Namespace, rec: Recorder) -> bool:
     try:
         code = proc.wait(timeout=max(1.0, args.pytest_timeout - (time.monotonic() - started)))
         status = "passed" if code == 0 else f"failed (exit {code})"
@@ -182,6 +198,51 @@ def finish_tests(proc: subprocess.Popen, log, started: float, args: argparse.Nam
     tail = (args.out / "cuda_tests.log").read_text().strip().splitlines()[-1:] or [""]
     rec.result("cuda_tests", status=status, summary=tail[0], seconds=round(time.monotonic() - started, 1))
     rec.log(f"cuda tests: {status}: {tail[0]}")
+    return status == "passed"
+
+
+class Ordering(threading.Thread):
+    """The ordering stress (tools/gpu_ordering.py), one process per io mode, each killed
+    after --run-timeout; each case's line is recorded as the process prints it."""
+
+    def __init__(self, args: argparse.Namespace, rec: Recorder):
+        super().__init__(name="ordering", daemon=True)
+        self.args, self.rec, self.passed = args, rec, False
+
+    def run(self) -> None:
+        from gpu_ordering import RESULT_PREFIX
+
+        # Built by the first child, not in this thread: the main thread is importing the same
+        # libraries to build the large checkpoint meanwhile.
+        checkpoint = self.args.work / "ordering-qwen3"
+        passed = True
+        for io in ("mmap", "direct", "register"):
+            cmd = [sys.executable, str(ROOT / "tools" / "gpu_ordering.py"), str(checkpoint),
+                   "--device", self.args.device, "--io", io]
+            passed &= self._one(io, cmd, RESULT_PREFIX)
+        self.passed = passed
+
+    def _one(self, io: str, cmd: list[str], prefix: str) -> bool:
+        log = open(self.args.out / f"ordering-{io}.log", "w")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        timer = threading.Timer(self.args.run_timeout, os.killpg, (proc.pid, 9))
+        timer.start()
+        rows = []
+        for line in proc.stdout:
+            if line.startswith(prefix):
+                row = json.loads(line[len(prefix):])
+                rows.append(row)
+                self.rec.result("ordering", **row)
+                self.rec.log(f"ordering {io}: {row['name']}: {row['status']}")
+        code = proc.wait()
+        timer.cancel()
+        log.close()
+        if code < 0 or (code and not rows):
+            why = f"killed after {self.args.run_timeout:.0f} s" if code < 0 else f"exit {code}"
+            self.rec.result("ordering", io=io, name="(process)", status=f"FAILED: {why}")
+            self.rec.log(f"ordering {io}: FAILED: {why} (ordering-{io}.log)")
+            return False
+        return code == 0 and all(not r["status"].startswith("FAILED") for r in rows)
 
 
 def default_runs(n_blocks: int, cuda: bool) -> list:
@@ -214,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--tokens", type=int, help="tokens per forward (default 512 on CUDA, 8 with --quick)")
     args = parser.parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing there reaches the network; never wait for it (children too)
     rec = Recorder(args.out)
     args.work.mkdir(parents=True, exist_ok=True)
     info = machine(args.work, rec)
@@ -223,14 +285,24 @@ def main(argv: list[str] | None = None) -> int:
                              if k in info})
     rec.log(f"machine: {info.get('gpu', {}).get('name') or 'no GPU'}; {info['cpu']}, {info['cores']} cores")
 
-    # The tests run while the checkpoint is built (CPU work), and end before anything is timed.
+    # The tests and the ordering stress run while the checkpoint is built (CPU work), and
+    # end before anything is timed.
     tests_started = time.monotonic()
     tests, tests_log = start_tests(args, rec)
+    ordering = Ordering(args, rec)
+    ordering.start()
     try:
         checkpoint = _checkpoint(args, rec)
     finally:
-        finish_tests(tests, tests_log, tests_started, args, rec)
-    return _bench(args, rec, info, checkpoint)
+        tests_passed = finish_tests(tests, tests_log, tests_started, args, rec)
+        ordering.join(timeout=4 * args.run_timeout)
+    rec.result("ordering_summary", passed=ordering.passed)
+    code = _bench(args, rec, info, checkpoint)
+    failed = [what for what, ok in (("CUDA tests", tests_passed), ("ordering stress", ordering.passed),
+                                    ("runs", code == 0)) if not ok]
+    rec.result("verdict", passed=not failed, failed=failed)
+    rec.log("verdict: " + ("passed" if not failed else "FAILED: " + ", ".join(failed)))
+    return 1 if failed else 0
 
 
 def _checkpoint(args: argparse.Namespace, rec: Recorder) -> Path:
@@ -291,9 +363,24 @@ def _bench(args: argparse.Namespace, rec: Recorder, info: dict, checkpoint: Path
         rows.append(row)
         rec.result("run", **row)
         figure = f"{row['median_s'] * 1e3:.1f} ms" if row.get("status") == "ok" else row.get("status")
+        if row.get("differing_calls"):
+            figure += f"; DIFFERS from the resident model at calls {row['differing_calls']}"
         rec.log(f"[{i}/{len(runs)}] {run.label}: {figure}")
         _report(rows, probes, layout, info, args, rec, checkpoint, tokens)
-    return 0 if all(r.get("status") == "ok" or r.get("status", "").startswith("needs") for r in rows) else 1
+    return 0 if all(row_passed(r) for r in rows) else 1
+
+
+def row_passed(row: dict) -> bool:
+    """A run that ran, and, for lazystream, whose every call equals the resident model's
+    output bit for bit (a peer's difference is reported in the table, not failed)."""
+    status = row.get("status", "")
+    if status.startswith("needs"):
+        return True
+    if status != "ok":
+        return False
+    if row["run"]["method"] != "lazystream":
+        return True
+    return row.get("calls_compared", 0) > 0 and not row.get("differing_calls")
 
 
 def _child_result(child_args: list[str], args: argparse.Namespace, rec: Recorder) -> dict | None:

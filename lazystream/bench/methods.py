@@ -329,9 +329,11 @@ def measure(job: Job) -> dict:
 def _timed_calls(job: Job, loaded: Loaded, forward: Callable[[nn.Module], torch.Tensor], sync: Callable[[], None],
                  result: dict) -> tuple[list[float], list[float]]:
     """A warm-up call and ``job.calls`` timed ones; for a cold run, the checkpoint's pages
-    are evicted before each. Returns the seconds of every call and the fraction of the
-    files still cached after each eviction."""
+    are evicted before each. Every call's output is compared with the resident model's
+    (outside the timing). Returns the seconds of every call and the fraction of the files
+    still cached after each eviction."""
     times, cached = [], []
+    reference = _Reference(job)
     with torch.no_grad(), loaded.session():
         for call in range(job.calls + 1):
             if job.run.cold:
@@ -343,24 +345,40 @@ def _timed_calls(job: Job, loaded: Loaded, forward: Callable[[nn.Module], torch.
             out = forward(loaded.model)
             sync()
             times.append(time.perf_counter() - start)
-            if call == 0:
-                result.update(_compare_with_resident(out, job))
+            reference.compare(out)
             del out
+    result.update(reference.summary())
     return times, cached
 
 
-def _compare_with_resident(out: torch.Tensor, job: Job) -> dict:
-    out = out.detach().float().cpu()
-    reference = Path(job.work) / REFERENCE_FILE
-    if job.run.method == "resident":
-        torch.save(out, reference)
-        return {"max_abs_diff": 0.0}
-    if not reference.exists():
-        return {}
-    want = torch.load(reference)
-    if want.shape != out.shape:
-        return {"max_abs_diff": float("inf")}
-    return {"max_abs_diff": (out - want).abs().max().item()}
+class _Reference:
+    """The resident model's first output (saved by its own run, which comes first), and
+    how every call of this run compares with it: bit for bit, and the largest difference."""
+
+    def __init__(self, job: Job):
+        self.path = Path(job.work) / REFERENCE_FILE
+        self.saves = job.run.method == "resident"
+        self.want = None if self.saves or not self.path.exists() else torch.load(self.path)
+        self.equal: list[bool] = []
+        self.diffs: list[float] = []
+
+    def compare(self, out: torch.Tensor) -> None:
+        out = out.detach().float().cpu()
+        if self.saves and self.want is None:
+            torch.save(out, self.path)
+            self.want = out
+        if self.want is None:
+            return
+        same_shape = self.want.shape == out.shape
+        self.equal.append(same_shape and torch.equal(out, self.want))
+        self.diffs.append((out - self.want).abs().max().item() if same_shape else float("inf"))
+
+    def summary(self) -> dict:
+        if not self.equal:
+            return {}  # no resident output to compare with
+        nan = any(d != d for d in self.diffs)
+        return {"max_abs_diff": float("nan") if nan else max(self.diffs), "calls_compared": len(self.equal),
+                "differing_calls": [i for i, e in enumerate(self.equal) if not e]}
 
 
 def run_job(job: Job) -> dict:
