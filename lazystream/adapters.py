@@ -108,24 +108,38 @@ def _transformers_dtype_plan(model: nn.Module, dtype: torch.dtype) -> dict[str, 
     return forced
 
 
-def library_dtype(library: str, dtype, config: Mapping | None, ckpt) -> torch.dtype:
+def library_dtype(library: str, dtype, config: Mapping | None, records: Mapping[str, TensorRecord],
+                  metadata: Mapping | None = None) -> torch.dtype:
     """The dtype ``library``'s from_pretrained resolves ``dtype`` (None: its default) to for
-    the checkpoint ``ckpt``: transformers by its own ``_get_dtype`` ("auto", strings, dicts);
-    diffusers a torch.dtype as given, else its default."""
+    the checkpoint of ``records``: transformers by its own ``_get_dtype`` ("auto", strings,
+    dicts), from the config, the index's ``metadata`` (default: the index of ``records``
+    where it is a Checkpoint) and the first weights file's headers; diffusers a torch.dtype
+    as given, else its default."""
     if library == "transformers" and config and "model_type" in config:
-        import json
-
         import transformers
         from transformers.modeling_utils import _get_dtype
 
         cfg = transformers.AutoConfig.for_model(config["model_type"]).__class__.from_dict(dict(config))
-        index = getattr(getattr(ckpt, "files", None), "index", None)
-        metadata = dict(json.loads(index.read_text()).get("metadata") or {}) if index is not None else None
-        files = sorted(str(p) for p in ckpt.shard_paths)  # as transformers lists a sharded checkpoint's files
-        return _get_dtype("auto" if dtype is None else dtype, files, cfg, metadata, None, True)[1]
+        if metadata is None:
+            index = getattr(getattr(records, "files", None), "index", None)
+            metadata = index_metadata(index.read_text()) if index is not None else None
+        # The first weights file's tensors in its key order, as data-less tensors: what
+        # transformers reads from it (on the meta device) to resolve "auto".
+        first = min((rec.file for rec in records.values()), default=None, key=str)
+        state = {name: torch.empty(records[name].shape, dtype=records[name].dtype, device="meta")
+                 for name in sorted(records) if records[name].file == first}
+        metadata = dict(metadata) if metadata is not None else None
+        return _get_dtype("auto" if dtype is None else dtype, None, cfg, metadata, state, True)[1]
     if isinstance(dtype, torch.dtype):
         return dtype
-    return default_dtype(library, config, ckpt)
+    return default_dtype(library, config, records)
+
+
+def index_metadata(text: str) -> dict:
+    """The ``metadata`` of a safetensors index (as transformers reads it: sharded_metadata)."""
+    import json
+
+    return dict(json.loads(text).get("metadata") or {})
 
 
 def library_of(model: nn.Module | type[nn.Module]) -> str:
