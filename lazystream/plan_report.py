@@ -5,6 +5,7 @@ predicted time per call with the resource that bounds it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -48,12 +49,25 @@ def _transformers_plan(args: argparse.Namespace, cls, files: WeightFiles, device
     from .model import checkpoint_id, make_model_plan
 
     kwargs = {} if args.dtype is None else {"dtype": args.dtype}  # a string, as transformers takes it
-    with Checkpoint(files) as ckpt:
+    with Checkpoint(files) as ckpt, _no_progress_bars():  # no weight is loaded: no "Loading weights" bar
         loaded = load_transformers(cls, ckpt, device.type, kwargs)
         plan, _ = make_model_plan(loaded.model, ckpt, _request(args), device=device, dtype=loaded.dtype, blocks=None,
                                   built_here=False, measure=True, checkpoint_id=checkpoint_id(ckpt),
                                   shard=ckpt.shard_paths[0], sources=loaded.sources, family=loaded.family)
     return plan
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def _skeleton_plan(args: argparse.Namespace, cls, config: dict, records, device, shard, ident, metadata):
