@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CheckpointNotFoundError, UnsupportedKeywordError
+from .errors import CheckpointNotFoundError
 from .resolve import (WeightFiles, hub_errors, is_offline, list_hub_files, looks_like_path, resolve, select_weights,
                       weight_subfolders)
 
@@ -90,9 +90,9 @@ def _library_dtype_argument(args: argparse.Namespace, library: str):
     included), diffusers a torch.dtype (it has no "auto": it loads float32 unless told)."""
     if args.dtype is None or library == "transformers":
         return args.dtype
-    if args.dtype == "auto":
-        raise UnsupportedKeywordError("--dtype auto is transformers' rule; a diffusers model loads in float32 unless given a "
-                         "dtype: leave --dtype out, or name one")
+    if args.dtype == "auto":  # a usage error, as argparse reports one (exits 2)
+        args.parser.error("argument --dtype: auto is transformers' rule; a diffusers model loads in float32 unless "
+                          "given a dtype: leave --dtype out, or name one")
     import torch
 
     return getattr(torch, args.dtype)

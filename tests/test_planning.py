@@ -420,8 +420,10 @@ def test_plan_refuses_dtype_auto_for_a_diffusers_model(tmp_path, capsys):
     from lazystream.synthetic import build_zimage
 
     path = build_zimage(tmp_path / "z")
-    assert cli_main(["plan", str(path), "--keep-gpu", "1", "--device", "cpu", "--dtype", "auto"]) == 2
-    assert "--dtype auto is transformers' rule" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:
+        cli_main(["plan", str(path), "--keep-gpu", "1", "--device", "cpu", "--dtype", "auto"])
+    assert exit_status.value.code == 2
+    assert "argument --dtype: auto is transformers' rule" in capsys.readouterr().err
     assert cli_main(["plan", str(path), "--keep-gpu", "1", "--device", "cpu", "--dtype", "bfloat16", "--json"]) == 0
     planned = _plan_summary(json.loads(capsys.readouterr().out))
     model = LazyStreamModel.from_pretrained(path, 1, device="cpu", dtype=torch.bfloat16)
