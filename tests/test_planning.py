@@ -235,14 +235,13 @@ def test_plan_command_reads_only_headers(qwen3, capsys, monkeypatch):
     assert cli_main(["plan", str(qwen3[0]), "--keep-gpu", "2"]) == 0
 
 
-def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3, capsys, monkeypatch, tmp_path):
-    """A repo id that is neither a folder nor cached: headers by range requests, config by download
-    (device bytes exact to within alignment padding)."""
+def _as_hub_repo(monkeypatch, path, tmp_path) -> None:
+    """Serve the local checkpoint ``path`` as a hub repo that is neither a folder nor cached:
+    the file listing, downloads (config, index) and headers by huggingface_hub's functions."""
     import huggingface_hub
 
     from lazystream.header import read_header
 
-    path = qwen3[0]
     files = sorted(p.name for p in path.iterdir())
 
     class Api:
@@ -271,6 +270,13 @@ def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", parse)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+
+def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3, capsys, monkeypatch, tmp_path):
+    """A repo id that is neither a folder nor cached: headers by range requests, config by download
+    (device bytes exact to within alignment padding)."""
+    path = qwen3[0]
+    _as_hub_repo(monkeypatch, path, tmp_path)
     assert cli_main(["plan", "someone/qwen3-tiny", "--keep-gpu", "2", "--json"]) == 0
     remote = json.loads(capsys.readouterr().out)
     assert cli_main(["plan", str(path), "--keep-gpu", "2", "--json"]) == 0
@@ -429,3 +435,18 @@ def test_plan_refuses_dtype_auto_for_a_diffusers_model(tmp_path, capsys):
     model = LazyStreamModel.from_pretrained(path, 1, device="cpu", dtype=torch.bfloat16)
     assert planned == _plan_summary(streamer_of(model).plan.summary()) and planned["dtype"] == "bfloat16"
     streamer_of(model).close()
+
+
+@pytest.mark.parametrize("cli_args", [[], ["--dtype", "auto"], ["--dtype", "float16"]], ids=["default", "auto", "string"])
+def test_plan_of_a_hub_repo_resolves_the_dtype_as_the_load(qwen3_index_dtype, capsys, monkeypatch, tmp_path,
+                                                            cli_args):
+    """From headers alone (the index's metadata dtype included), the hub plan's dtype and
+    per-block bytes are the local plan's, which are the load's."""
+    _as_hub_repo(monkeypatch, qwen3_index_dtype, tmp_path)
+    assert cli_main(["plan", "someone/qwen3-index-dtype", "--keep-gpu", "1", "--device", "cpu", "--json",
+                     *cli_args]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert cli_main(["plan", str(qwen3_index_dtype), "--keep-gpu", "1", "--device", "cpu", "--json", *cli_args]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert remote["dtype"] == local["dtype"] == ("float16" if cli_args[1:] == ["float16"] else "bfloat16")
+    assert remote["blocks"] == local["blocks"] and remote["scratch_bytes"] == local["scratch_bytes"]
