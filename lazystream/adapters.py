@@ -31,13 +31,15 @@ class ModelFamily:
         """The dtype the library's own loader gives the tensor ``name`` stored as ``stored``."""
         if not stored.is_floating_point:
             return stored
-        if self.library == "diffusers":
+        declared = self.declared.get(name)
+        if self.library == "diffusers" and declared is not None and declared.is_floating_point:
+            return declared  # what diffusers' own loader assigned (see _diffusers_dtype_plan)
+        if self.library == "diffusers":  # a model built elsewhere (attach): diffusers' rule, mirrored
             keep = any(p in name.split(".") for p in self.keep_fp32)
         else:
             keep = any(p in name for p in self.keep_fp32)
         if keep:
             return torch.float32
-        declared = self.declared.get(name)
         if self.library == "transformers" and declared is not None and declared.is_floating_point:
             return declared
         return dtype
@@ -85,10 +87,30 @@ def family_of(model: nn.Module, dtype: torch.dtype, *, built_here: bool = False)
     keep: list[str] = []
     if library == "diffusers":
         keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        if built_here:
+            return ModelFamily(library, tuple(keep), _diffusers_dtype_plan(model, dtype))
     declared = {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)} if built_here else {}
     if library == "transformers":
         declared.update(_transformers_dtype_plan(model, dtype))
     return ModelFamily(library, tuple(keep), declared)
+
+
+def _diffusers_dtype_plan(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Each parameter's dtype as diffusers' own ``load_model_dict_into_meta`` assigns it when
+    ``ModelMixin.from_pretrained`` loads at ``dtype`` (its keep-in-fp32 matching included),
+    run on data-less tensors of a skeleton built here (on the meta device, so its parameters
+    are replaced by meta ones in the assigned dtypes, as the library's load replaces them)."""
+    from diffusers.models.model_loading_utils import load_model_dict_into_meta
+
+    # The list ModelMixin.from_pretrained passes (without a quantizer): the class's, as a list.
+    keep = type(model)._keep_in_fp32_modules
+    keep = ([] if keep is None else keep if isinstance(keep, list) else [keep])
+    params = dict(model.named_parameters())
+    if any(p.device.type != "meta" for p in params.values()):
+        raise ValueError("_diffusers_dtype_plan runs on a skeleton built on the meta device")
+    state = {name: torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in params.items()}
+    load_model_dict_into_meta(model, state, dtype=dtype, keep_in_fp32_modules=keep, device_map={"": "meta"})
+    return {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _transformers_dtype_plan(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -108,24 +130,38 @@ def _transformers_dtype_plan(model: nn.Module, dtype: torch.dtype) -> dict[str, 
     return forced
 
 
-def library_dtype(library: str, dtype, config: Mapping | None, ckpt) -> torch.dtype:
+def library_dtype(library: str, dtype, config: Mapping | None, records: Mapping[str, TensorRecord],
+                  metadata: Mapping | None = None) -> torch.dtype:
     """The dtype ``library``'s from_pretrained resolves ``dtype`` (None: its default) to for
-    the checkpoint ``ckpt``: transformers by its own ``_get_dtype`` ("auto", strings, dicts);
-    diffusers a torch.dtype as given, else its default."""
+    the checkpoint of ``records``: transformers by its own ``_get_dtype`` ("auto", strings,
+    dicts), from the config, the index's ``metadata`` (default: the index of ``records``
+    where it is a Checkpoint) and the first weights file's headers; diffusers a torch.dtype
+    as given, else its default."""
     if library == "transformers" and config and "model_type" in config:
-        import json
-
         import transformers
         from transformers.modeling_utils import _get_dtype
 
         cfg = transformers.AutoConfig.for_model(config["model_type"]).__class__.from_dict(dict(config))
-        index = getattr(getattr(ckpt, "files", None), "index", None)
-        metadata = dict(json.loads(index.read_text()).get("metadata") or {}) if index is not None else None
-        files = sorted(str(p) for p in ckpt.shard_paths)  # as transformers lists a sharded checkpoint's files
-        return _get_dtype("auto" if dtype is None else dtype, files, cfg, metadata, None, True)[1]
+        if metadata is None:
+            index = getattr(getattr(records, "files", None), "index", None)
+            metadata = index_metadata(index.read_text()) if index is not None else None
+        # The first weights file's tensors in its key order, as data-less tensors: what
+        # transformers reads from it (on the meta device) to resolve "auto".
+        first = min((rec.file for rec in records.values()), default=None, key=str)
+        state = {name: torch.empty(records[name].shape, dtype=records[name].dtype, device="meta")
+                 for name in sorted(records) if records[name].file == first}
+        metadata = dict(metadata) if metadata is not None else None
+        return _get_dtype("auto" if dtype is None else dtype, None, cfg, metadata, state, True)[1]
     if isinstance(dtype, torch.dtype):
         return dtype
-    return default_dtype(library, config, ckpt)
+    return default_dtype(library, config, records)
+
+
+def index_metadata(text: str) -> dict:
+    """The ``metadata`` of a safetensors index (as transformers reads it: sharded_metadata)."""
+    import json
+
+    return dict(json.loads(text).get("metadata") or {})
 
 
 def library_of(model: nn.Module | type[nn.Module]) -> str:

@@ -104,8 +104,9 @@ examples:
                            "those the cost model says save the most time (cost)")
     plan.add_argument("--prefetch", type=_count(1), default=2, metavar="K",
                       help="device slots for streamed blocks (default: 2)")
-    plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                      help="dtype on the device (default: the checkpoint's)")
+    plan.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                      help="the dtype keyword of the load, as the library takes it (default: the library's: "
+                           "transformers \"auto\", the config's or the weights'; diffusers float32)")
     plan.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     plan.add_argument("--lora", action="append", default=[], metavar="FILE",
                       help="a LoRA adapter you will load (its .safetensors file or folder; repeatable): its resident "

@@ -129,18 +129,19 @@ def quantization_method(config: Any) -> str:
     return method
 
 
-def refuse_quantization(config: Any, where: str, *, keyword: bool = False, path=None) -> None:
+def refuse_quantization(config: Any, where: str, *, keyword: bool = False, path=None, todo: str | None = None) -> None:
     """Raise :class:`UnsupportedQuantizationError` for ``config`` (unless its method is
-    one lazystream streams): before anything is loaded, naming the method."""
+    one lazystream streams): before anything is loaded, naming the method. ``todo``:
+    what to do instead, where the default advice (by ``keyword``) does not fit."""
     method = quantization_method(config)
     if method in STREAMED_QUANTIZATION:
         return
     streamed = ", ".join(STREAMED_QUANTIZATION) or "none yet (plain float8 safetensors weights without a " \
                                                    "quantization_config load like any other dtype)"
-    todo = ("load the unquantized checkpoint with lazystream without quantization_config, or quantize without "
-            "lazystream" if keyword else
-            "load it with the library's own from_pretrained (with device_map / offloading), or stream an "
-            "unquantized (e.g. bfloat16) checkpoint of the same model")
+    todo = todo or ("load the unquantized checkpoint with lazystream without quantization_config, or quantize "
+                    "without lazystream" if keyword else
+                    "load it with the library's own from_pretrained (with device_map / offloading), or stream an "
+                    "unquantized (e.g. bfloat16) checkpoint of the same model")
     raise UnsupportedQuantizationError(
         f"{where}: quantization method {method!r} is not streamed by lazystream (loading it as plain weights would "
         f"give another model); streamed methods: {streamed}. {todo[0].upper()}{todo[1:]}",

@@ -5,6 +5,7 @@ predicted time per call with the resource that bounds it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -26,19 +27,75 @@ def run(args: argparse.Namespace) -> int:
     # --subfolder or an unreachable hub answer in a fraction of a second, not several.
     files, remote = _locate(args.repo, args.subfolder, args.revision)
 
-    import torch
-
-    from .adapters import build_skeleton, default_dtype, library_of, model_class, require_config
-    from .model import make_model_plan, resolve_device
+    from .adapters import library_of, model_class, require_config
+    from .model import resolve_device
 
     device = resolve_device(args.device)
-    records, config, shard, ident = _headers(files, remote, args.repo, args.subfolder, args.revision)
+    records, config, shard, ident, metadata = _headers(files, remote, args.repo, args.subfolder, args.revision)
     cls = model_class(require_config(config, Path(args.repo)), Path(args.repo) / "config.json")
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(library_of(cls), config, records)
+    if library_of(cls) == "transformers" and not remote:
+        plan = _transformers_plan(args, cls, files, device)
+    else:
+        plan = _skeleton_plan(args, cls, config, records, device, shard, ident, metadata)
+    return _print(args, plan, cls.__name__, device, config=config)
+
+
+def _transformers_plan(args: argparse.Namespace, cls, files: WeightFiles, device):
+    """The plan a load makes: transformers' own from_pretrained resolves the dtype, the
+    keep-in-fp32 modules and every tensor's source on the traced headers, as
+    LazyStreamModel.from_pretrained has it do (no weight is read)."""
+    from .checkpoint import Checkpoint
+    from .library_load import load_transformers
+    from .model import checkpoint_id, make_model_plan
+
+    kwargs = {} if args.dtype is None else {"dtype": args.dtype}  # a string, as transformers takes it
+    with Checkpoint(files) as ckpt, _no_progress_bars():  # no weight is loaded: no "Loading weights" bar
+        loaded = load_transformers(cls, ckpt, device.type, kwargs)
+        plan, _ = make_model_plan(loaded.model, ckpt, _request(args), device=device, dtype=loaded.dtype, blocks=None,
+                                  built_here=False, measure=True, checkpoint_id=checkpoint_id(ckpt),
+                                  shard=ckpt.shard_paths[0], sources=loaded.sources, family=loaded.family)
+    return plan
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def _skeleton_plan(args: argparse.Namespace, cls, config: dict, records, device, shard, ident, metadata):
+    """The plan of a diffusers model (as LazyStreamModel.from_pretrained builds it), or of a
+    transformers model on the hub, whose shards are not here for the library to trace:
+    the dtype by the library's own resolution from the headers and config."""
+    from .adapters import build_skeleton, library_dtype, library_of
+    from .model import make_model_plan
+
+    dtype = _library_dtype_argument(args, library_of(cls))
+    dtype = library_dtype(library_of(cls), dtype, config, records, metadata)
     model = build_skeleton(cls, config, dtype)
     plan, _ = make_model_plan(model, records, _request(args), device=device, dtype=dtype, blocks=None,
                               built_here=True, measure=True, checkpoint_id=ident, shard=shard)
-    return _print(args, plan, cls.__name__, device, config=config)
+    return plan
+
+
+def _library_dtype_argument(args: argparse.Namespace, library: str):
+    """--dtype as the library's from_pretrained takes it: transformers a string ("auto"
+    included), diffusers a torch.dtype (it has no "auto": it loads float32 unless told)."""
+    if args.dtype is None or library == "transformers":
+        return args.dtype
+    if args.dtype == "auto":  # a usage error, as argparse reports one (exits 2)
+        args.parser.error("argument --dtype: auto is transformers' rule; a diffusers model loads in float32 unless "
+                          "given a dtype: leave --dtype out, or name one")
+    import torch
+
+    return getattr(torch, args.dtype)
 
 
 def _request(args: argparse.Namespace):
@@ -76,13 +133,11 @@ def _adapters(args: argparse.Namespace) -> int:
 def _single_file_plan(args: argparse.Namespace):
     """The plan of a single-file checkpoint: its conversion traced from the header alone (a
     local or cached file, else the hub's header by a range request)."""
-    import torch
-
     from .model import checkpoint_id, make_model_plan, resolve_device
     from .single_file import convert_single_file, open_single_file
 
     request = _request(args)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = _library_dtype_argument(args, "diffusers")
     device = resolve_device(args.device)
     local = Path(args.repo).expanduser().is_file()
     try:
@@ -216,8 +271,8 @@ def _locate(repo: str, subfolder: str | None, revision: str | None) -> tuple[Wei
 
 
 def _headers(files: WeightFiles, remote: bool, repo: str, subfolder: str | None, revision: str | None):
-    """(records, config, a local shard or None, checkpoint id) without reading weights:
-    from the local files, else through the hub's header API."""
+    """(records, config, a local shard or None, checkpoint id, the index's metadata or None)
+    without reading weights: from the local files, else through the hub's header API."""
     from .checkpoint import Checkpoint
     from .model import checkpoint_id
 
@@ -225,18 +280,21 @@ def _headers(files: WeightFiles, remote: bool, repo: str, subfolder: str | None,
         with hub_errors(repo, revision):
             return _remote_headers(repo, f"{subfolder.strip('/')}/" if subfolder else "", revision, files)
     with Checkpoint(files) as ckpt:
-        return dict(ckpt), ckpt.config, ckpt.shard_paths[0], checkpoint_id(ckpt)
+        return dict(ckpt), ckpt.config, ckpt.shard_paths[0], checkpoint_id(ckpt), None
 
 
 def _remote_headers(repo: str, prefix: str, revision: str | None, chosen: WeightFiles):
     from huggingface_hub import hf_hub_download, parse_safetensors_file_metadata
 
+    from .adapters import index_metadata
     from .checkpoint import read_index
     from .header import DTYPES, TensorRecord
 
+    metadata = None
     if chosen.index is not None:
-        index = hf_hub_download(repo, prefix + chosen.index.name, revision=revision)
-        shards = sorted(set(read_index(Path(index)).values()))
+        index = Path(hf_hub_download(repo, prefix + chosen.index.name, revision=revision))
+        shards = sorted(set(read_index(index).values()))
+        metadata = index_metadata(index.read_text())
     else:
         shards = [chosen.single.name]
     records: dict[str, TensorRecord] = {}
@@ -247,4 +305,4 @@ def _remote_headers(repo: str, prefix: str, revision: str | None, chosen: Weight
             records[name] = TensorRecord(name=name, file=Path(shard), offset=begin, nbytes=end - begin,
                                          dtype=DTYPES[info.dtype], shape=tuple(info.shape))
     config = json.loads(Path(hf_hub_download(repo, prefix + "config.json", revision=revision)).read_text())
-    return records, config, None, f"hub:{repo}@{revision or 'main'}/{prefix}"
+    return records, config, None, f"hub:{repo}@{revision or 'main'}/{prefix}", metadata

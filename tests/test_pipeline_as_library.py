@@ -170,12 +170,51 @@ def test_from_pipe_shares_the_streamed_components_and_equals_the_library(zimage,
         ref = make(DiffusionPipeline.from_pretrained(path))
         pipe = LazyStreamPipeline.from_pretrained(path, keep_gpu)
         derived = make(pipe)
-        assert type(derived) is type(ref) and type(ref).__name__.endswith("Img2ImgPipeline")
+        # The library's class as its API shows it (a subclass bearing its name ends each call's last phase).
+        assert isinstance(derived, type(ref)) and type(ref).__name__.endswith("Img2ImgPipeline")
+        assert (type(derived).__name__, type(derived).__qualname__, type(derived).__module__) == (
+            type(ref).__name__, type(ref).__qualname__, type(ref).__module__)
+        class_name = json.loads(derived.to_json_string())["_class_name"]  # as model_index.json writes it
+        assert class_name == json.loads(ref.to_json_string())["_class_name"] == type(ref).__name__
         assert all(getattr(derived, name) is getattr(pipe, name) for name in keep_gpu)
         assert torch.equal(run(derived, call, image=image), run(ref, call, image=image))
         phases = phases_of(pipe)
         assert phases_of(derived) is phases
         assert {p.component for p in phases.last_call} >= set(keep_gpu)
+        phases.close()
+
+
+def test_a_from_pipe_pipeline_ends_each_call_as_the_original(zimage, sdxl):
+    """Each call of a pipeline made by from_pipe (class and AutoPipeline*) ends its last
+    phase, also when it raises: nothing stays active and last_call holds that call alone."""
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for path, keep_gpu, make, call in (
+        (zimage, ZIMAGE_STREAMED, ZImageImg2ImgPipeline.from_pipe, dict(ZIMAGE_CALL, strength=0.6)),
+        (sdxl, SDXL_STREAMED, AutoPipelineForImage2Image.from_pipe, dict(SDXL_CALL, strength=0.5,
+                                                                           num_inference_steps=4)),
+    ):
+        pipe = LazyStreamPipeline.from_pretrained(path, keep_gpu)
+        phases = phases_of(pipe)
+        derived = make(pipe)
+        calls = []
+        for _ in range(2):
+            run(derived, call, image=image)
+            assert phases.active is None
+            calls.append([(p.component, p.calls) for p in phases.last_call])
+            assert all(p.seconds > 0 and p.device_bytes for p in phases.last_call)  # each phase ended
+        assert calls[0] == calls[1] and {c for c, _ in calls[0]} >= set(keep_gpu)  # one call's phases, not two
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("stop")
+
+        with pytest.raises(RuntimeError, match="stop"):
+            run(derived, call, image=image, callback_on_step_end=fail)
+        assert phases.active is None
+        # The original still ends its own calls, and the derived one still runs after them.
+        run(pipe, {k: v for k, v in call.items() if k != "strength"})
+        assert phases.active is None
+        run(derived, call, image=image)
+        assert phases.active is None and [(p.component, p.calls) for p in phases.last_call] == calls[0]
         phases.close()
 
 
@@ -212,7 +251,8 @@ def test_quantizing_a_streamed_component_is_refused_before_loading(zimage, monke
 
     monkeypatch.setattr(ZImagePipeline, "from_pretrained", classmethod(fail))
     monkeypatch.setattr(LazyStreamModel, "from_pretrained", staticmethod(fail))
-    with pytest.raises(UnsupportedQuantizationError, match=rf"quantizes '{component}\w*' with '{method}'"):
+    with pytest.raises(UnsupportedQuantizationError, match=rf"quantizes '{component}\w*', which keep_gpu streams: "
+                                                             rf"quantization method '{method}[^']*' is not streamed"):
         LazyStreamPipeline.from_pretrained(zimage, {"transformer": 1, "text_encoder": 1}, quantization_config=config())
 
 

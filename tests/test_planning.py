@@ -302,14 +302,13 @@ def test_plan_command_reads_only_headers(qwen3, capsys, monkeypatch):
     assert cli_main(["plan", str(qwen3[0]), "--keep-gpu", "2"]) == 0
 
 
-def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3, capsys, monkeypatch, tmp_path):
-    """A repo id that is neither a folder nor cached: headers by range requests, config by download
-    (device bytes exact to within alignment padding)."""
+def _as_hub_repo(monkeypatch, path, tmp_path) -> None:
+    """Serve the local checkpoint ``path`` as a hub repo that is neither a folder nor cached:
+    the file listing, downloads (config, index) and headers by huggingface_hub's functions."""
     import huggingface_hub
 
     from lazystream.header import read_header
 
-    path = qwen3[0]
     files = sorted(p.name for p in path.iterdir())
 
     class Api:
@@ -338,6 +337,13 @@ def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", parse)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+
+def test_plan_command_for_a_hub_repo_reads_headers_through_huggingface_hub(qwen3, capsys, monkeypatch, tmp_path):
+    """A repo id that is neither a folder nor cached: headers by range requests, config by download
+    (device bytes exact to within alignment padding)."""
+    path = qwen3[0]
+    _as_hub_repo(monkeypatch, path, tmp_path)
     assert cli_main(["plan", "someone/qwen3-tiny", "--keep-gpu", "2", "--json"]) == 0
     remote = json.loads(capsys.readouterr().out)
     assert cli_main(["plan", str(path), "--keep-gpu", "2", "--json"]) == 0
@@ -397,3 +403,117 @@ def test_auto_takes_every_block_that_fits_when_blocks_differ_in_size(tmp_path):
     auto = streamer_of(LazyStreamModel.from_pretrained(tmp_path, "auto", max_gpu_memory=budget, activation_reserve=0,
                                                        prefetch=1, load=False)).plan
     assert auto.keep_gpu == 2 and auto.device_bytes <= budget < plan(3).device_bytes
+
+
+# -- the plan resolves the dtype as the load does ------------------------------------------
+
+
+def _plan_summary(plan: dict) -> dict:
+    """What a plan says about bytes and dtypes (not the timing, which depends on probes)."""
+    return {k: v for k, v in plan.items() if k not in ("prediction", "budget", "model_class", "host_staging_bytes",
+                                                        "moe")}
+
+
+def _tensor_dtypes(plan) -> dict:
+    return {t.name: t.dtype for b in plan.blocks for t in b.tensors}
+
+
+def _plan_and_load(capsys, path, cli_args: list[str], **load_kwargs):
+    """The plan `lazystream plan` prints and the one a load makes (each with the target
+    dtype of every block tensor, under the key "tensor_dtypes")."""
+    from lazystream import plan_report
+
+    printed = []
+    original = plan_report._print
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan_report, "_print", lambda args, plan, *a, **k: printed.append(plan) or original(
+            args, plan, *a, **k))
+        assert cli_main(["plan", str(path), "--keep-gpu", "1", "--device", "cpu", "--json", *cli_args]) == 0
+    planned = {**_plan_summary(json.loads(capsys.readouterr().out)), "tensor_dtypes": _tensor_dtypes(printed[0])}
+    model = LazyStreamModel.from_pretrained(path, 1, device="cpu", **load_kwargs)
+    plan = streamer_of(model).plan
+    loaded = {**_plan_summary(plan.summary()), "tensor_dtypes": _tensor_dtypes(plan)}
+    streamer_of(model).close()
+    return planned, loaded
+
+
+@pytest.fixture(scope="module")
+def qwen3_index_dtype(tmp_path_factory):
+    """float32 weights, no dtype in the config, "bfloat16" in the index's metadata: transformers'
+    "auto" takes the index's (the checkpoint's float32 is not what it loads)."""
+    path = build_qwen3(tmp_path_factory.mktemp("qwen3-index-dtype") / "q", {"num_hidden_layers": 3},
+                       max_shard_size="60KB")
+    config = json.loads((path / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (path / "config.json").write_text(json.dumps(config))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["metadata"]["dtype"] = "bfloat16"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path
+
+
+@pytest.mark.parametrize("cli_args, load_kwargs", [([], {}), (["--dtype", "auto"], {"dtype": "auto"}),
+                                                   (["--dtype", "float16"], {"dtype": "float16"})],
+                         ids=["default", "auto", "string"])
+def test_plan_resolves_the_dtype_as_the_load(qwen3_index_dtype, capsys, cli_args, load_kwargs):
+    planned, loaded = _plan_and_load(capsys, qwen3_index_dtype, cli_args, **load_kwargs)
+    assert planned == loaded
+    if not cli_args or cli_args[1] == "auto":  # negative control: the stored float32 would plan more device bytes
+        assert planned["dtype"] == "bfloat16"
+        stored, _ = _plan_and_load(capsys, qwen3_index_dtype, ["--dtype", "float32"], dtype=torch.float32)
+        assert stored["device_bytes"] > planned["device_bytes"]
+
+
+def test_plan_of_a_config_dtype_checkpoint_is_the_loads(tmp_path, capsys):
+    path = build_qwen3(tmp_path / "q", {"num_hidden_layers": 3}, dtype=torch.bfloat16, max_shard_size="60KB")
+    planned, loaded = _plan_and_load(capsys, path, [])
+    assert planned == loaded and planned["dtype"] == "bfloat16"
+
+
+def test_plan_keeps_the_librarys_fp32_modules(tmp_path, capsys):
+    """T5 keeps its wo projections in float32 at float16: the plan's bytes are the load's."""
+    from transformers import T5Config, T5ForConditionalGeneration, T5PreTrainedModel
+
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      decoder_start_token_id=0)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5", max_shard_size="20KB")
+    planned, loaded = _plan_and_load(capsys, tmp_path / "t5", ["--dtype", "float16"], dtype=torch.float16)
+    assert planned == loaded
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    assert planned["tensor_dtypes"][wo] == torch.float32
+    # Negative control: without the class's rule the plan would cast wo to float16.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(T5PreTrainedModel, "_keep_in_fp32_modules", None)  # its T5Stack parts are models too
+        without, _ = _plan_and_load(capsys, tmp_path / "t5", ["--dtype", "float16"], dtype=torch.float16)
+    assert without["tensor_dtypes"][wo] == torch.float16
+
+
+def test_plan_refuses_dtype_auto_for_a_diffusers_model(tmp_path, capsys):
+    from lazystream.synthetic import build_zimage
+
+    path = build_zimage(tmp_path / "z")
+    with pytest.raises(SystemExit) as exit_status:
+        cli_main(["plan", str(path), "--keep-gpu", "1", "--device", "cpu", "--dtype", "auto"])
+    assert exit_status.value.code == 2
+    assert "argument --dtype: auto is transformers' rule" in capsys.readouterr().err
+    assert cli_main(["plan", str(path), "--keep-gpu", "1", "--device", "cpu", "--dtype", "bfloat16", "--json"]) == 0
+    planned = _plan_summary(json.loads(capsys.readouterr().out))
+    model = LazyStreamModel.from_pretrained(path, 1, device="cpu", dtype=torch.bfloat16)
+    assert planned == _plan_summary(streamer_of(model).plan.summary()) and planned["dtype"] == "bfloat16"
+    streamer_of(model).close()
+
+
+@pytest.mark.parametrize("cli_args", [[], ["--dtype", "auto"], ["--dtype", "float16"]], ids=["default", "auto", "string"])
+def test_plan_of_a_hub_repo_resolves_the_dtype_as_the_load(qwen3_index_dtype, capsys, monkeypatch, tmp_path,
+                                                            cli_args):
+    """From headers alone (the index's metadata dtype included), the hub plan's dtype and
+    per-block bytes are the local plan's, which are the load's."""
+    _as_hub_repo(monkeypatch, qwen3_index_dtype, tmp_path)
+    assert cli_main(["plan", "someone/qwen3-index-dtype", "--keep-gpu", "1", "--device", "cpu", "--json",
+                     *cli_args]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert cli_main(["plan", str(qwen3_index_dtype), "--keep-gpu", "1", "--device", "cpu", "--json", *cli_args]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert remote["dtype"] == local["dtype"] == ("float16" if cli_args[1:] == ["float16"] else "bfloat16")
+    assert remote["blocks"] == local["blocks"] and remote["scratch_bytes"] == local["scratch_bytes"]

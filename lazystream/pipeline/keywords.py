@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UnsupportedKeywordError, UnsupportedQuantizationError
+from ..errors import UnsupportedKeywordError
+from ..keywords import refuse_quantization
 
 # Keywords of DiffusionPipeline.from_pretrained that lazystream cannot honour with
 # diffusers' effect, with what to do instead. Refused when given a value other than
@@ -81,14 +82,10 @@ def refuse_streamed_quantization(config: Any, classes: Mapping[str, type[nn.Modu
         except Exception:  # noqa: BLE001 - it built the backend's config for this component (so it applies),
             applies = True  # which failed: the backend's package is missing, say
         if applies:
-            method = config.quant_backend or _quant_method(config.quant_mapping[name])
-            raise UnsupportedQuantizationError(
-                f"quantization_config quantizes {name!r} with {method!r}, and keep_gpu streams {name!r}: lazystream "
-                "streams no quantization method on the fly yet. Leave it out of the quantization "
-                "(components_to_quantize= or quant_mapping= naming only the components diffusers loads), or out "
-                "of keep_gpu to let diffusers quantize it")
-
-
-def _quant_method(config: Any) -> str:
-    method = getattr(config, "quant_method", None)
-    return str(getattr(method, "value", method) or type(config).__name__)
+            # The whole config names the backend; a quant_mapping, each component's own config.
+            refuse_quantization(
+                config if config.quant_backend else config.quant_mapping[name],
+                f"LazyStreamPipeline.from_pretrained(quantization_config=...) quantizes {name!r}, which keep_gpu "
+                "streams", keyword=True,
+                todo=f"Leave {name!r} out of the quantization (components_to_quantize= or quant_mapping= naming only "
+                     f"the components diffusers loads), or out of keep_gpu to let diffusers quantize it")

@@ -76,9 +76,11 @@ class Phases:
     makes the pipeline an instance of a subclass of its class whose ``__call__`` ends the
     last phase (it bears the class's name: see :func:`_streamed_class`), recording what
     it changed; :meth:`close` restores it. A pipeline made from this one by ``from_pipe``
-    shares the streamed components, so its calls switch the same phases (``phases_of``
-    gives them for either pipeline); its calls do not end the last phase, the next call's
-    first switch does.
+    (of a class or an ``AutoPipeline*``), or built from its components, shares the
+    streamed components, so its calls switch the same phases (``phases_of`` gives them
+    for either pipeline), and it becomes an instance of the same kind of subclass of its
+    own class as it registers them (see :func:`_install_adoption`): its calls end the last
+    phase too.
 
     ``streamers`` maps each streamed component to its :class:`~lazystream.Streamer`;
     ``order`` names the components that begin a phase; ``last_call`` lists the phases of
@@ -123,6 +125,7 @@ class Phases:
         object.__setattr__(pipe, _ATTR, self)
         _OF_COMPONENT.update(dict.fromkeys(streamed.values(), self))
         pipe.__class__ = _streamed_class(self._pipeline_cls)
+        _install_adoption()
 
     # -- public -------------------------------------------------------------------------
 
@@ -272,3 +275,38 @@ def _streamed_class(cls: type[DiffusionPipeline]) -> type[DiffusionPipeline]:
             "__doc__": cls.__doc__,
         })
     return _STREAMED_CLASSES[cls]
+
+
+_adoption_lock = threading.Lock()
+_adoption_installed = False
+
+
+def _install_adoption() -> None:
+    """Wrap ``DiffusionPipeline.register_modules`` once (every pipeline's ``__init__``
+    registers its components through it): a pipeline that registers a component streamed
+    by open :class:`Phases` (made by ``from_pipe``, of a class or an ``AutoPipeline*``, or
+    from ``pipe.components`` by hand) becomes an instance of :func:`_streamed_class` of its
+    class, so its calls end the last phase as the original pipeline's do. Elsewhere it is
+    the library's method, unchanged in effect."""
+    global _adoption_installed
+    from diffusers import DiffusionPipeline
+
+    with _adoption_lock:
+        if _adoption_installed:
+            return
+        original = DiffusionPipeline.register_modules
+
+        @functools.wraps(original)
+        def register_modules(self, **kwargs):
+            original(self, **kwargs)
+            cls = type(self)
+            if cls in _STREAMED_CLASSES.values():
+                return
+            for module in kwargs.values():
+                phases = _OF_COMPONENT.get(module) if isinstance(module, nn.Module) else None
+                if phases is not None and not phases._closed:
+                    self.__class__ = _streamed_class(cls)
+                    return
+
+        DiffusionPipeline.register_modules = register_modules
+        _adoption_installed = True
