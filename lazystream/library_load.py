@@ -26,7 +26,7 @@ from .adapters import ModelFamily
 from .checkpoint import Checkpoint
 from .errors import (MissingTensorsError, ShapeMismatchError, UnsupportedKeywordError, UnsupportedOperationError,
                      UnusedTensorsError)
-from .keywords import library_keywords
+from .keywords import library_keywords, refuse_quantizer_state
 from .source import ConversionNotStreamableError, SourceMap, Traced, source_of, trace
 
 
@@ -101,6 +101,8 @@ def _install_hook() -> None:
             if loading is None:
                 return original.__func__(model, state_dict, checkpoint_files, load_config, expected_keys)
             ckpt = loading.ckpt
+            # The library's quantizer takes the stored bytes (pre-quantized, its modules kept), or it is refused.
+            refuse_quantizer_state(load_config.hf_quantizer, ckpt.folder / "config.json")
             # kernelize (run by from_pretrained after loading) picks kernels for this device
             # rather than for the meta device the traced parameters are on.
             model._kernels_device = loading.device_type

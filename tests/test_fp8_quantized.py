@@ -1,0 +1,239 @@
+"""transformers fine-grained FP8 checkpoints (``quant_method: fp8``, ``weight_block_size``,
+the Qwen/Qwen3-8B-FP8 layout) stream as stored: transformers' own quantizer builds its
+FP8Linear modules inside its own from_pretrained, each float8 ``weight`` and float32
+``weight_scale_inv`` streams as its stored bytes, and the library's forward dequantizes.
+
+transformers keeps its fp8 modules only on a CUDA GPU of compute capability 8.9 or more
+(elsewhere it dequantizes at load, which lazystream refuses), and their forward runs a
+Triton kernel. On this CPU machine the tests therefore put the library where it keeps its
+fp8 modules (:func:`fp8_modules_kept`: its environment check as on such a GPU), compare
+the modules and every stored byte with the library's own load, and run both models'
+forwards through one CPU stand-in for the kernel built from the library's own
+dequantization; the ``cuda`` test runs the library's real kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch.nn import functional as F
+from transformers import FineGrainedFP8Config, Qwen3ForCausalLM
+from transformers.integrations import finegrained_fp8
+from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+from lazystream import LazyStreamModel, streamer_of
+from lazystream.errors import UnsupportedQuantizationError
+from lazystream.synthetic import build_qwen3
+
+# Linear shapes in multiples of 128, so that transformers' quantizer tiles every one of them.
+SIZE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "head_dim": 64, "num_hidden_layers": 4, "vocab_size": 256}
+IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _keep_fp8_modules(self, *args, **kwargs):
+    """The quantizer's environment check as it passes on a CUDA GPU of compute capability
+    >= 8.9: nothing to change (it dequantizes only without one)."""
+
+
+def _dequantize_then_linear(input, weight, weight_scale_inv, block_size=None, bias=None, activation_scale=None,
+                            allow_deepgemm=True):
+    """A CPU stand-in for the library's fp8 kernel: its own backward's dequantization, then a linear."""
+    w = finegrained_fp8._dequantize_fp8_weight(weight, weight_scale_inv, block_size, input.dtype)
+    return F.linear(input, w, bias)
+
+
+@pytest.fixture
+def fp8_modules_kept(monkeypatch):
+    monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", _keep_fp8_modules)
+
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    monkeypatch.setattr(finegrained_fp8, "fp8_linear", _dequantize_then_linear)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    """A bfloat16 Qwen3 quantized by transformers' own fp8 quantizer and written with its
+    save_pretrained (the config's quantization_config and the tensors as it writes them)."""
+    root = tmp_path_factory.mktemp("fp8")
+    bf16 = build_qwen3(root / "bf16", SIZE, dtype=torch.bfloat16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FineGrainedFP8HfQuantizer, "validate_environment", _keep_fp8_modules)
+        model = Qwen3ForCausalLM.from_pretrained(bf16, quantization_config=FineGrainedFP8Config(
+            weight_block_size=[128, 128]))
+        model.save_pretrained(root / "fp8", max_shard_size="80KB")
+    return root / "fp8"
+
+
+def _library(path, device="cpu"):
+    return Qwen3ForCausalLM.from_pretrained(path, device_map=device if device != "cpu" else None)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu().contiguous().view(torch.uint8),
+                                                                     b.cpu().contiguous().view(torch.uint8))
+
+
+def _stored(path) -> dict[str, tuple[torch.dtype, int]]:
+    out = {}
+    for shard in path.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                out[k] = (t.dtype, t.nbytes)
+    return out
+
+
+def test_the_checkpoint_is_the_qwen3_fp8_layout(fp8_checkpoint):
+    stored = _stored(fp8_checkpoint)
+    assert stored["model.layers.0.mlp.up_proj.weight"][0] == torch.float8_e4m3fn
+    assert stored["model.layers.0.mlp.up_proj.weight_scale_inv"] == (torch.float32, 2 * 1 * 4)
+    config = json.loads((fp8_checkpoint / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "fp8" and config["weight_block_size"] == [128, 128]
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 2, 4])
+def test_modules_and_stored_bytes_equal_the_library_load(fp8_checkpoint, fp8_modules_kept, keep_gpu):
+    ref = _library(fp8_checkpoint)
+    model = LazyStreamModel.from_pretrained(fp8_checkpoint, keep_gpu, device="cpu")
+    classes = {n: type(m) for n, m in model.named_modules()}
+    assert classes == {n: type(m) for n, m in ref.named_modules()}
+    assert classes["model.layers.3.mlp.up_proj"] is finegrained_fp8.FP8Linear
+    assert model.config.quantization_config.to_dict() == ref.config.quantization_config.to_dict()
+    assert type(model.hf_quantizer) is type(ref.hf_quantizer) and model.is_quantized
+    ours, theirs = model.state_dict(), ref.state_dict()
+    assert list(ours) == list(theirs)
+    different = [k for k in theirs if not _same_bytes(ours[k], theirs[k])]
+    assert not different
+    # Each streamed block's bytes are its stored float8 weights and float32 scales, as stored.
+    streamer = streamer_of(model)
+    stored = _stored(fp8_checkpoint)
+    for block in streamer.plan.blocks:
+        names = [t.name for t in block.tensors]
+        assert block.nbytes == sum(stored[n][1] for n in names) and block.cast_bytes == 0
+        assert any(stored[n][0] == torch.float8_e4m3fn for n in names)
+        assert all(t.source.dtype == stored[t.name][0] for t in block.tensors)
+
+
+def test_a_changed_scale_changes_the_bytes_compared(fp8_checkpoint, fp8_modules_kept, tmp_path):
+    """Negative control for the test above: one block's scale, changed in the checkpoint, is seen."""
+    changed = tmp_path / "changed"
+    shutil.copytree(fp8_checkpoint, changed)
+    name = "model.layers.2.mlp.down_proj.weight_scale_inv"
+    shard = next(p for p in changed.glob("*.safetensors") if name in safe_open(p, "pt").keys())
+    data = bytearray(shard.read_bytes())
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    start = 8 + int.from_bytes(data[:8], "little") + header[name]["data_offsets"][0]
+    data[start + 3] ^= 0x01  # the top byte of the first float32 scale
+    shard.write_bytes(bytes(data))
+    model = LazyStreamModel.from_pretrained(changed, 0, device="cpu")
+    assert not _same_bytes(model.state_dict()[name], _library(fp8_checkpoint).state_dict()[name])
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 2, 4])
+def test_forward_and_generate_equal_the_library(fp8_checkpoint, fp8_modules_kept, cpu_kernel, keep_gpu):
+    ref = _library(fp8_checkpoint)
+    model = LazyStreamModel.from_pretrained(fp8_checkpoint, keep_gpu, device="cpu")
+    with torch.no_grad():
+        expected = ref(IDS).logits
+        assert torch.equal(model(IDS).logits, expected)
+        assert torch.equal(model.generate(IDS, max_new_tokens=5, do_sample=False),
+                           ref.generate(IDS, max_new_tokens=5, do_sample=False))
+    if keep_gpu < 4:
+        assert streamer_of(model).stats().last_call.bytes_streamed > 0
+    # Negative control: the scales matter to this forward.
+    ref.model.layers[1].mlp.down_proj.weight_scale_inv.data.mul_(2)
+    with torch.no_grad():
+        assert not torch.equal(ref(IDS).logits, expected)
+
+
+def test_bytes_streamed_are_the_stored_fp8_bytes(fp8_checkpoint, fp8_modules_kept, cpu_kernel):
+    stored = _stored(fp8_checkpoint)
+    model = LazyStreamModel.from_pretrained(fp8_checkpoint, 0, device="cpu")
+    with torch.no_grad():
+        model(IDS)
+    per_block = [sum(v[1] for k, v in stored.items() if k.startswith(f"model.layers.{i}.")) for i in range(4)]
+    assert streamer_of(model).stats().last_call.bytes_streamed == sum(per_block)
+    # Half the bytes of the linears in bfloat16, plus their scales.
+    assert stored["model.layers.0.mlp.up_proj.weight"][1] == 256 * 128
+
+
+def test_the_library_dequantizing_at_load_is_refused(fp8_checkpoint, monkeypatch):
+    """Without a CUDA GPU of compute capability >= 8.9 (or with dequantize=True)
+    transformers computes bfloat16 weights at load: refused, naming why."""
+    def dequantize(self, *args, **kwargs):
+        self.quantization_config.dequantize = True  # what the library does on such a machine
+
+    monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", dequantize)
+    with pytest.raises(UnsupportedQuantizationError, match=r"transformers dequantizes this 'fp8' checkpoint at load "
+                                                           r"here .*compute capability 8.9"):
+        LazyStreamModel.from_pretrained(fp8_checkpoint, 1, device="cpu")
+
+
+def test_half_and_float_are_refused_as_the_library_refuses_them(fp8_checkpoint, fp8_modules_kept):
+    ref = _library(fp8_checkpoint)
+    model = LazyStreamModel.from_pretrained(fp8_checkpoint, 1, device="cpu")
+    for move in ("half", "float"):
+        with pytest.raises(ValueError) as theirs:
+            getattr(ref, move)()
+        with pytest.raises(ValueError) as ours:
+            getattr(model, move)()
+        assert str(ours.value) == str(theirs.value)
+    assert model.model.layers[3].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+
+
+def test_to_bfloat16_equals_the_library(fp8_checkpoint, fp8_modules_kept):
+    """transformers lets ``.to(dtype)`` cast an fp8 model (its float8 weights become
+    bfloat16 values, and FP8Linear then runs a plain linear, scales unused): the streamed
+    model does the same, here with the library's real forward on this CPU."""
+    ref = _library(fp8_checkpoint).to(torch.bfloat16)
+    model = LazyStreamModel.from_pretrained(fp8_checkpoint, 1, device="cpu").to(torch.bfloat16)
+    assert model.model.layers[3].mlp.up_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref(IDS).logits)
+
+
+def test_save_pretrained_writes_what_the_library_writes(fp8_checkpoint, fp8_modules_kept, tmp_path):
+    _library(fp8_checkpoint).save_pretrained(tmp_path / "theirs")
+    LazyStreamModel.from_pretrained(fp8_checkpoint, 1, device="cpu").save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"] == \
+        json.loads((tmp_path / "theirs" / "config.json").read_text())["quantization_config"]
+
+    def tensors(folder):
+        out = {}
+        for shard in folder.glob("*.safetensors"):
+            with safe_open(shard, "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        return out
+
+    ours, theirs = tensors(tmp_path / "ours"), tensors(tmp_path / "theirs")
+    assert sorted(ours) == sorted(theirs)
+    assert all(_same_bytes(ours[k], theirs[k]) for k in theirs)
+    assert theirs["model.layers.3.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("keep_gpu", [0, 2, 4])
+def test_forward_on_cuda_equals_the_library(fp8_checkpoint, keep_gpu):
+    """The library's own fp8 kernel on a CUDA GPU of compute capability >= 8.9."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a CUDA GPU of compute capability 8.9 or more (else transformers dequantizes at load)")
+    ref = _library(fp8_checkpoint, "cuda")
+    ids = IDS.cuda()
+    try:
+        with torch.no_grad():
+            expected = ref(ids).logits
+    except ImportError as exc:
+        pytest.skip(f"transformers' fp8 kernel is unavailable here: {exc}")
+    model = LazyStreamModel.from_pretrained(fp8_checkpoint, keep_gpu, device="cuda")
+    assert type(model.model.layers[0].mlp.up_proj) is finegrained_fp8.FP8Linear
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False),
+                           ref.generate(ids, max_new_tokens=5, do_sample=False))
