@@ -237,3 +237,24 @@ def test_forward_on_cuda_equals_the_library(fp8_checkpoint, keep_gpu):
         assert torch.equal(model(ids).logits, expected)
         assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False),
                            ref.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 2, 4])
+def test_a_lora_adapter_on_the_fp8_model_equals_the_library(fp8_checkpoint, fp8_modules_kept, cpu_kernel, keep_gpu,
+                                                            tmp_path):
+    """peft wraps transformers' FP8Linear (an nn.Linear) in its LoRA layer, over the
+    library's fp8 forward; the streamed model does the same."""
+    from peft import PeftModel
+
+    from tests.loras import qwen3_adapter
+
+    adapter = qwen3_adapter(tmp_path / "adapter", fp8_checkpoint.parent / "bf16", seed=1)
+    ref = PeftModel.from_pretrained(_library(fp8_checkpoint), adapter).eval()
+    model = PeftModel.from_pretrained(LazyStreamModel.from_pretrained(fp8_checkpoint, keep_gpu, device="cpu"),
+                                      adapter).eval()
+    assert type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer) is finegrained_fp8.FP8Linear
+    with torch.no_grad():
+        got, want = model(input_ids=IDS).logits, ref(input_ids=IDS).logits
+        assert torch.equal(got, want)
+        with ref.disable_adapter():
+            assert not torch.equal(ref(input_ids=IDS).logits, want)  # the adapter changes the output
