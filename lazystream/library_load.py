@@ -204,6 +204,23 @@ def _stand_in(t: Traced, parameter: bool) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype)
 
 
+def apply_quantizer(model: nn.Module, path) -> None:
+    """For a plan from headers alone: the library's quantizer for the config's
+    ``quantization_config`` (its environment check for this machine included), applied to
+    the meta skeleton ``model`` as transformers' from_pretrained applies it, so the plan
+    sees the library's quantized modules and their stored dtypes. Refused as a load
+    refuses it (:func:`~lazystream.keywords.refuse_quantizer_state`)."""
+    if not getattr(model.config, "quantization_config", None):
+        return
+    from transformers.quantizers.auto import get_hf_quantizer
+
+    quantizer, _, _ = get_hf_quantizer(model.config, None, None, True, {})
+    refuse_quantizer_state(quantizer, path)
+    quantizer.preprocess_model(model=model, dtype=model.dtype, device_map=None, checkpoint_files=None,
+                               use_kernels=False)
+    model.hf_quantizer = quantizer
+
+
 # -- diffusers: the rules ModelMixin.from_pretrained applies to its keywords -------------------
 
 

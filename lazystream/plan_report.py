@@ -29,13 +29,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .adapters import build_skeleton, default_dtype, library_of, model_class, require_config
+    from .keywords import STREAMED_QUANTIZATION, refuse_quantized_config
+    from .library_load import apply_quantizer
     from .model import make_model_plan, resolve_device
 
     device = resolve_device(args.device)
     records, config, shard, ident = _headers(files, remote, args.repo, args.subfolder, args.revision)
     cls = model_class(require_config(config, Path(args.repo)), Path(args.repo) / "config.json")
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(library_of(cls), config, records)
+    refuse_quantized_config(config, Path(args.repo) / "config.json",
+                            streamed=STREAMED_QUANTIZATION if library_of(cls) == "transformers" else ())
     model = build_skeleton(cls, config, dtype)
+    if library_of(cls) == "transformers":  # its quantizer's modules, as a load builds them
+        apply_quantizer(model, Path(args.repo) / "config.json")
     plan, _ = make_model_plan(model, records, _request(args), device=device, dtype=dtype, blocks=None,
                               built_here=True, measure=True, checkpoint_id=ident, shard=shard)
     return _print(args, plan, cls.__name__, device, config=config)

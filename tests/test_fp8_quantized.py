@@ -19,6 +19,8 @@ import shutil
 
 import pytest
 import torch
+from loras import qwen3_adapter
+from peft import PeftModel
 from safetensors import safe_open
 from torch.nn import functional as F
 from transformers import FineGrainedFP8Config, Qwen3ForCausalLM
@@ -244,10 +246,6 @@ def test_a_lora_adapter_on_the_fp8_model_equals_the_library(fp8_checkpoint, fp8_
                                                             tmp_path):
     """peft wraps transformers' FP8Linear (an nn.Linear) in its LoRA layer, over the
     library's fp8 forward; the streamed model does the same."""
-    from peft import PeftModel
-
-    from tests.loras import qwen3_adapter
-
     adapter = qwen3_adapter(tmp_path / "adapter", fp8_checkpoint.parent / "bf16", seed=1)
     ref = PeftModel.from_pretrained(_library(fp8_checkpoint), adapter).eval()
     model = PeftModel.from_pretrained(LazyStreamModel.from_pretrained(fp8_checkpoint, keep_gpu, device="cpu"),
@@ -258,3 +256,37 @@ def test_a_lora_adapter_on_the_fp8_model_equals_the_library(fp8_checkpoint, fp8_
         assert torch.equal(got, want)
         with ref.disable_adapter():
             assert not torch.equal(ref(input_ids=IDS).logits, want)  # the adapter changes the output
+
+
+def test_lazystream_plan_counts_the_stored_bytes_as_the_load_does(fp8_checkpoint, fp8_modules_kept, capsys):
+    from lazystream.cli import main
+
+    assert main(["plan", str(fp8_checkpoint), "--keep-gpu", "1", "--device", "cpu", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    plan = streamer_of(LazyStreamModel.from_pretrained(fp8_checkpoint, 1, device="cpu")).plan
+    stored = _stored(fp8_checkpoint)
+    assert [b["bytes"] for b in printed["blocks"]] == [b.nbytes for b in plan.blocks] == \
+        [sum(v[1] for k, v in stored.items() if k.startswith(f"model.layers.{i}.")) for i in range(4)]
+    assert printed["scratch_bytes"] == 0 and printed["device_bytes"] == plan.device_bytes
+
+
+def test_lazystream_plan_refuses_where_the_library_dequantizes(fp8_checkpoint, monkeypatch, capsys):
+    from lazystream.cli import main
+
+    def dequantize(self, *args, **kwargs):
+        self.quantization_config.dequantize = True
+
+    monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", dequantize)
+    assert main(["plan", str(fp8_checkpoint), "--keep-gpu", "1", "--device", "cpu"]) != 0
+    assert "transformers dequantizes this 'fp8' checkpoint at load here" in capsys.readouterr().err
+
+
+def test_keep_gpu_auto_fits_more_fp8_blocks_than_bfloat16_ones(fp8_checkpoint, fp8_modules_kept, cpu_kernel):
+    kept = []
+    for path in (fp8_checkpoint, fp8_checkpoint.parent / "bf16"):
+        model = LazyStreamModel.from_pretrained(path, "auto", device="cpu", max_gpu_memory="900KiB",
+                                                activation_reserve="10KiB")
+        with torch.no_grad():
+            model(IDS)  # the calibration call
+        kept.append(sum(b.resident for b in streamer_of(model).plan.blocks))
+    assert kept == [4, 1]
