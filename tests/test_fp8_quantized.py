@@ -290,3 +290,61 @@ def test_keep_gpu_auto_fits_more_fp8_blocks_than_bfloat16_ones(fp8_checkpoint, f
             model(IDS)  # the calibration call
         kept.append(sum(b.resident for b in streamer_of(model).plan.blocks))
     assert kept == [4, 1]
+
+
+# -- MoE: transformers stacks each expert's fp8 weights and scales into FP8Experts ---------
+
+
+@pytest.fixture(scope="module")
+def fp8_moe_checkpoint(tmp_path_factory):
+    """A bfloat16 Qwen3-MoE quantized by transformers' fp8 quantizer and saved by it (as it
+    writes them: each expert's weight one by one, the experts' scales stacked)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    root = tmp_path_factory.mktemp("fp8moe")
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(**SIZE, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                                       decoder_sparse_step=1)).to(torch.bfloat16).save_pretrained(root / "bf16")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FineGrainedFP8HfQuantizer, "validate_environment", _keep_fp8_modules)
+        Qwen3MoeForCausalLM.from_pretrained(root / "bf16", quantization_config=FineGrainedFP8Config(
+            weight_block_size=[128, 128])).save_pretrained(root / "fp8", max_shard_size="100KB")
+    return root / "fp8"
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 2])
+def test_moe_experts_stream_their_stored_fp8_bytes(fp8_moe_checkpoint, fp8_modules_kept, keep_gpu):
+    """FP8Experts' forward is a Triton kernel even in eager mode: modules and bytes here,
+    the forward in the cuda test."""
+    from transformers import Qwen3MoeForCausalLM
+
+    stored = _stored(fp8_moe_checkpoint)
+    assert stored["model.layers.0.mlp.experts.1.up_proj.weight"][0] == torch.float8_e4m3fn
+    assert stored["model.layers.0.mlp.experts.gate_up_proj_scale_inv"][0] == torch.float32
+    ref = Qwen3MoeForCausalLM.from_pretrained(fp8_moe_checkpoint)
+    model = LazyStreamModel.from_pretrained(fp8_moe_checkpoint, keep_gpu, device="cpu")
+    assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in ref.named_modules()}
+    assert type(model.model.layers[3].mlp.experts) is finegrained_fp8.FP8Experts
+    ours, theirs = model.state_dict(), ref.state_dict()
+    assert list(ours) == list(theirs) and all(_same_bytes(ours[k], theirs[k]) for k in theirs)
+    assert ours["model.layers.3.mlp.experts.gate_up_proj"].dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.cuda
+def test_moe_forward_on_cuda_equals_the_library(fp8_moe_checkpoint):
+    from transformers import Qwen3MoeForCausalLM
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a CUDA GPU of compute capability 8.9 or more (else transformers dequantizes at load)")
+    ref = Qwen3MoeForCausalLM.from_pretrained(fp8_moe_checkpoint, device_map="cuda")
+    ids = IDS.cuda()
+    try:
+        with torch.no_grad():
+            expected = ref(ids).logits
+    except (ImportError, ValueError) as exc:
+        pytest.skip(f"transformers' fp8 kernel is unavailable here: {exc}")
+    for keep_gpu in (0, 2, 4):
+        model = LazyStreamModel.from_pretrained(fp8_moe_checkpoint, keep_gpu, device="cuda")
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)
+        streamer_of(model).close()
