@@ -348,3 +348,14 @@ def test_moe_forward_on_cuda_equals_the_library(fp8_moe_checkpoint):
         with torch.no_grad():
             assert torch.equal(model(ids).logits, expected)
         streamer_of(model).close()
+
+
+def test_a_dtype_keyword_casts_what_the_library_casts(fp8_checkpoint, fp8_modules_kept, cpu_kernel):
+    """dtype=float32: the norms and embeddings become float32, the fp8 weights stay fp8."""
+    ref = Qwen3ForCausalLM.from_pretrained(fp8_checkpoint, dtype=torch.float32)
+    model = LazyStreamModel.from_pretrained(fp8_checkpoint, 1, device="cpu", dtype=torch.float32)
+    ours, theirs = model.state_dict(), ref.state_dict()
+    assert {t.dtype for t in theirs.values()} == {torch.float32, torch.float8_e4m3fn}
+    assert list(ours) == list(theirs) and all(_same_bytes(ours[k], theirs[k]) for k in theirs)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref(IDS).logits)
