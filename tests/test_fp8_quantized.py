@@ -107,6 +107,9 @@ def test_modules_and_stored_bytes_equal_the_library_load(fp8_checkpoint, fp8_mod
     classes = {n: type(m) for n, m in model.named_modules()}
     assert classes == {n: type(m) for n, m in ref.named_modules()}
     assert classes["model.layers.3.mlp.up_proj"] is finegrained_fp8.FP8Linear
+    fp8 = [n for n, c in classes.items() if c is finegrained_fp8.FP8Linear]
+    assert [(model.get_submodule(n).block_size, model.get_submodule(n).activation_scheme) for n in fp8] == \
+        [(ref.get_submodule(n).block_size, ref.get_submodule(n).activation_scheme) for n in fp8]
     assert model.config.quantization_config.to_dict() == ref.config.quantization_config.to_dict()
     assert type(model.hf_quantizer) is type(ref.hf_quantizer) and model.is_quantized
     ours, theirs = model.state_dict(), ref.state_dict()
