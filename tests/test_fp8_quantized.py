@@ -362,3 +362,32 @@ def test_a_dtype_keyword_casts_what_the_library_casts(fp8_checkpoint, fp8_module
     assert list(ours) == list(theirs) and all(_same_bytes(ours[k], theirs[k]) for k in theirs)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
+
+
+def test_moe_checkpoint_with_per_expert_scales_streams_as_the_library_loads_it(fp8_moe_checkpoint, fp8_modules_kept,
+                                                                                tmp_path):
+    """The Hub's fp8 MoE layout (Qwen3-30B-A3B-FP8): each expert's ``weight_scale_inv``
+    stored beside its weight; the library stacks them at load, lazystream as byte runs."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeForCausalLM
+
+    state = {}
+    for shard in fp8_moe_checkpoint.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+    for name in [n for n in state if n.endswith("_proj_scale_inv")]:
+        prefix, stacked = name.rsplit(".", 1)[0], state.pop(name)
+        for e, scales in enumerate(stacked):
+            projections = ("gate_proj", "up_proj") if name.endswith("gate_up_proj_scale_inv") else ("down_proj",)
+            for proj, part in zip(projections, scales.chunk(len(projections))):
+                state[f"{prefix}.{e}.{proj}.weight_scale_inv"] = part.contiguous()
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(state, hub / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(fp8_moe_checkpoint / "config.json", hub / "config.json")
+    assert "model.layers.0.mlp.experts.3.up_proj.weight_scale_inv" in state
+    ref = Qwen3MoeForCausalLM.from_pretrained(hub)
+    ours, theirs = LazyStreamModel.from_pretrained(hub, 1, device="cpu").state_dict(), ref.state_dict()
+    assert list(ours) == list(theirs) and all(_same_bytes(ours[k], theirs[k]) for k in theirs)
+    saved = Qwen3MoeForCausalLM.from_pretrained(fp8_moe_checkpoint).state_dict()
+    assert all(_same_bytes(saved[k], theirs[k]) for k in theirs)  # the same model, in either layout
