@@ -181,7 +181,7 @@ def test_the_library_dequantizing_at_load_is_refused(fp8_checkpoint, monkeypatch
         LazyStreamModel.from_pretrained(fp8_checkpoint, 1, device="cpu")
 
 
-def test_half_and_float_are_refused_as_the_library_refuses_them(fp8_checkpoint, fp8_modules_kept):
+def test_half_float_and_dequantize_are_refused_as_the_library_refuses_them(fp8_checkpoint, fp8_modules_kept):
     ref = _library(fp8_checkpoint)
     model = LazyStreamModel.from_pretrained(fp8_checkpoint, 1, device="cpu")
     for move in ("half", "float"):
@@ -190,6 +190,11 @@ def test_half_and_float_are_refused_as_the_library_refuses_them(fp8_checkpoint, 
         with pytest.raises(ValueError) as ours:
             getattr(model, move)()
         assert str(ours.value) == str(theirs.value)
+    with pytest.raises(NotImplementedError) as theirs:  # transformers has no fp8 dequantize()
+        ref.dequantize()
+    with pytest.raises(NotImplementedError) as ours:
+        model.dequantize()
+    assert str(ours.value) == str(theirs.value)
     assert model.model.layers[3].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
 
 
