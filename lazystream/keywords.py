@@ -106,10 +106,13 @@ def _short(value: Any) -> str:
 
 # -- quantization ---------------------------------------------------------------------
 
-# Quantization methods whose packed weights lazystream streams as stored. None yet:
-# plain float8 safetensors weights without a quantization_config are cast like any
-# other dtype, which is not a quantization method.
-STREAMED_QUANTIZATION: tuple[str, ...] = ()
+# Quantization methods of pre-quantized transformers checkpoints whose packed weights and
+# quantization state lazystream streams as stored, into the modules the library's own
+# quantizer builds (its forward dequantizes on the device). fp8: fine-grained FP8
+# (``weight`` float8 + ``weight_scale_inv`` per block), transformers' FP8Linear. Plain
+# float8 safetensors weights without a quantization_config are cast like any other
+# dtype, which is not a quantization method.
+STREAMED_QUANTIZATION: tuple[str, ...] = ("fp8",)
 
 
 def quantization_method(config: Any) -> str:
@@ -129,29 +132,61 @@ def quantization_method(config: Any) -> str:
     return method
 
 
-def refuse_quantization(config: Any, where: str, *, keyword: bool = False, path=None, todo: str | None = None) -> None:
+def refuse_quantization(config: Any, where: str, *, keyword: bool = False, path=None, todo: str | None = None,
+                        streamed: tuple[str, ...] = STREAMED_QUANTIZATION) -> None:
     """Raise :class:`UnsupportedQuantizationError` for ``config`` (unless its method is
-    one lazystream streams): before anything is loaded, naming the method. ``todo``:
-    what to do instead, where the default advice (by ``keyword``) does not fit."""
+    one of ``streamed``, in a checkpoint): before anything is loaded, naming the method.
+    A ``quantization_config`` keyword is always refused: the library would quantize (or
+    dequantize, or re-configure) at load, computing weights on the host. ``todo``: what
+    to do instead, where the default advice does not fit."""
     method = quantization_method(config)
-    if method in STREAMED_QUANTIZATION:
+    if method in streamed and not keyword:
         return
-    streamed = ", ".join(STREAMED_QUANTIZATION) or "none yet (plain float8 safetensors weights without a " \
-                                                   "quantization_config load like any other dtype)"
-    todo = todo or ("load the unquantized checkpoint with lazystream without quantization_config, or quantize "
-                    "without lazystream" if keyword else
-                    "load it with the library's own from_pretrained (with device_map / offloading), or stream an "
-                    "unquantized (e.g. bfloat16) checkpoint of the same model")
+    names = ", ".join(f"{m} (pre-quantized transformers checkpoints)" for m in STREAMED_QUANTIZATION) or "none"
+    if keyword:
+        raise UnsupportedQuantizationError(
+            f"{where}: quantization method {method!r} is not streamed by lazystream when given as a keyword (the "
+            f"library would quantize or re-configure the weights at load, computing them on the host); streamed "
+            f"methods: {names}. " + (todo or "Load the unquantized checkpoint with lazystream without "
+            "quantization_config, stream a checkpoint saved pre-quantized by the library, or quantize without "
+            "lazystream"), path=path)
     raise UnsupportedQuantizationError(
-        f"{where}: quantization method {method!r} is not streamed by lazystream (loading it as plain weights would "
-        f"give another model); streamed methods: {streamed}. {todo[0].upper()}{todo[1:]}",
-        path=path,
-    )
+        f"{where}: quantization method {method!r} is not streamed by lazystream" + ("" if method in
+        STREAMED_QUANTIZATION else " (loading it as plain weights would give another model)") + f"; streamed "
+        f"methods: {names}. " + (todo or "Load it with the library's own from_pretrained (with device_map / "
+        "offloading), or stream an unquantized (e.g. bfloat16) checkpoint of the same model"), path=path)
 
 
-def refuse_quantized_config(config: Mapping | Any, path) -> None:
-    """Refuse a checkpoint whose config (dict or config object) carries a ``quantization_config``."""
+def refuse_quantized_config(config: Mapping | Any, path, streamed: tuple[str, ...] = STREAMED_QUANTIZATION,
+                            why: str = "") -> None:
+    """Refuse a checkpoint whose config (dict or config object) carries a ``quantization_config``
+    of a method not in ``streamed`` (``why``: the reason it is not, where it is one lazystream
+    streams elsewhere)."""
     qc = config.get("quantization_config") if isinstance(config, Mapping) else getattr(config, "quantization_config",
                                                                                         None)
     if qc:
-        refuse_quantization(qc, f"{path}: the checkpoint's config has a quantization_config", path=path)
+        refuse_quantization(qc, f"{path}: the checkpoint's config has a quantization_config{why}", path=path,
+                            streamed=streamed)
+
+
+def refuse_quantizer_state(quantizer: Any, path) -> None:
+    """Refuse where the library's quantizer, as set up for this machine, computes weights at
+    load instead of taking the stored bytes: quantizing unquantized weights, or
+    dequantizing (transformers dequantizes fine-grained fp8 at load without a CUDA GPU of
+    compute capability 8.9 or more, or with ``dequantize=True``)."""
+    if quantizer is None:
+        return
+    config = quantizer.quantization_config
+    method = quantization_method(config)
+    if method not in STREAMED_QUANTIZATION:  # refused before; a quantizer of another origin is refused here
+        refuse_quantization(config, f"{path}: transformers' quantizer", path=path)
+    if not quantizer.pre_quantized:
+        raise UnsupportedQuantizationError(
+            f"{path}: transformers would quantize the weights with {method!r} at load (computed on the host); "
+            f"lazystream streams {method} checkpoints saved pre-quantized", path=path)
+    if getattr(config, "dequantize", False):
+        raise UnsupportedQuantizationError(
+            f"{path}: transformers dequantizes this {method!r} checkpoint at load here (it does so without a CUDA "
+            "GPU of compute capability 8.9 or more, or with dequantize=True): the weights would be computed on the "
+            "host, not streamed as stored. Stream it where the library keeps its fp8 modules (such a GPU), or stream "
+            "an unquantized checkpoint of the same model", path=path)

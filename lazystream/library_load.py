@@ -26,7 +26,7 @@ from .adapters import ModelFamily
 from .checkpoint import Checkpoint
 from .errors import (MissingTensorsError, ShapeMismatchError, UnsupportedKeywordError, UnsupportedOperationError,
                      UnusedTensorsError)
-from .keywords import library_keywords
+from .keywords import library_keywords, refuse_quantizer_state
 from .source import ConversionNotStreamableError, SourceMap, Traced, source_of, trace
 
 
@@ -101,6 +101,8 @@ def _install_hook() -> None:
             if loading is None:
                 return original.__func__(model, state_dict, checkpoint_files, load_config, expected_keys)
             ckpt = loading.ckpt
+            # The library's quantizer takes the stored bytes (pre-quantized, its modules kept), or it is refused.
+            refuse_quantizer_state(load_config.hf_quantizer, ckpt.folder / "config.json")
             # kernelize (run by from_pretrained after loading) picks kernels for this device
             # rather than for the meta device the traced parameters are on.
             model._kernels_device = loading.device_type
@@ -200,6 +202,23 @@ def _stand_in(t: Traced, parameter: bool) -> torch.Tensor:
         return nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
                             requires_grad=t.requires_grad and t.dtype.is_floating_point)
     return torch.empty(t.shape, dtype=t.dtype)
+
+
+def apply_quantizer(model: nn.Module, path) -> None:
+    """For a plan from headers alone: the library's quantizer for the config's
+    ``quantization_config`` (its environment check for this machine included), applied to
+    the meta skeleton ``model`` as transformers' from_pretrained applies it, so the plan
+    sees the library's quantized modules and their stored dtypes. Refused as a load
+    refuses it (:func:`~lazystream.keywords.refuse_quantizer_state`)."""
+    if not getattr(model.config, "quantization_config", None):
+        return
+    from transformers.quantizers.auto import get_hf_quantizer
+
+    quantizer, _, _ = get_hf_quantizer(model.config, None, None, True, {})
+    refuse_quantizer_state(quantizer, path)
+    quantizer.preprocess_model(model=model, dtype=model.dtype, device_map=None, checkpoint_files=None,
+                               use_kernels=False)
+    model.hf_quantizer = quantizer
 
 
 # -- diffusers: the rules ModelMixin.from_pretrained applies to its keywords -------------------

@@ -125,9 +125,11 @@ class LazyStreamModel:
             config = require_config(ckpt.config, ckpt.folder)
             refuse_quantized_config(config, ckpt.folder / "config.json")
             cls = model_cls or model_class(config, ckpt.folder / "config.json")
-            if library_of(cls) == "transformers":
+            if library_of(cls) == "transformers":  # its quantizer builds the modules of the methods streamed
                 return _from_transformers(cls, ckpt, request, repo_or_path, device=device, dtype=dtype,
                                           variant=variant, blocks=blocks, io=io, load=load, kwargs=kwargs)
+            refuse_quantized_config(config, ckpt.folder / "config.json", streamed=(),
+                                    why=" (lazystream streams quantized transformers checkpoints only)")
             dtype, overrides = diffusers_arguments(cls, dtype, kwargs)
             dtype = dtype or default_dtype(library_of(cls), config, ckpt)
             model = build_skeleton(cls, config, dtype, overrides)
@@ -273,7 +275,10 @@ def attach(
     ckpt = Checkpoint.open(repo_or_path, **resolve_kwargs) if owns else repo_or_path
     try:
         if ckpt.config is not None:
-            refuse_quantized_config(ckpt.config, ckpt.folder / "config.json")
+            refuse_quantized_config(ckpt.config, ckpt.folder / "config.json", streamed=(),
+                                    why=" (attach streams into a model built without the library's quantizer: load "
+                                        "it with LazyStreamModel.from_pretrained, whose library builds its "
+                                        "quantized modules)")
         _attach(model, ckpt, request, device=device, dtype=library_dtype(library_of(model), dtype, ckpt.config, ckpt),
                 blocks=blocks, io=io, owns_checkpoint=owns)
     except BaseException:

@@ -75,11 +75,17 @@ def _skeleton_plan(args: argparse.Namespace, cls, config: dict, records, device,
     transformers model on the hub, whose shards are not here for the library to trace:
     the dtype by the library's own resolution from the headers and config."""
     from .adapters import build_skeleton, library_dtype, library_of
+    from .keywords import STREAMED_QUANTIZATION, refuse_quantized_config
+    from .library_load import apply_quantizer
     from .model import make_model_plan
 
+    refuse_quantized_config(config, Path(args.repo) / "config.json",
+                            streamed=STREAMED_QUANTIZATION if library_of(cls) == "transformers" else ())
     dtype = _library_dtype_argument(args, library_of(cls))
     dtype = library_dtype(library_of(cls), dtype, config, records, metadata)
     model = build_skeleton(cls, config, dtype)
+    if library_of(cls) == "transformers":  # its quantizer's modules, as a load builds them
+        apply_quantizer(model, Path(args.repo) / "config.json")
     plan, _ = make_model_plan(model, records, _request(args), device=device, dtype=dtype, blocks=None,
                               built_here=True, measure=True, checkpoint_id=ident, shard=shard)
     return plan

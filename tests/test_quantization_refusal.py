@@ -1,6 +1,8 @@
 """A checkpoint or keyword naming a quantization method lazystream does not stream is
 refused, naming the method, before anything is loaded: loading the packed weights as
-plain ones (scales dropped) would give another model."""
+plain ones (scales dropped) would give another model. transformers' fine-grained fp8
+checkpoints are streamed (tests/test_fp8_quantized.py); an fp8 quantization_config
+keyword, an fp8 diffusers config and attach to an fp8 checkpoint are still refused."""
 
 from __future__ import annotations
 
@@ -72,15 +74,22 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr(lazystream.model, "build_skeleton", loaded)
 
 
-def test_a_block_fp8_checkpoint_is_refused_naming_fp8(qwen3, tmp_path, nothing_loads):
+def test_a_block_fp8_checkpoint_is_streamed_not_refused(qwen3, tmp_path, monkeypatch):
+    """The config's fp8 quantization_config passes; transformers' quantizer builds its fp8
+    modules (where it keeps them: a CUDA GPU of capability >= 8.9, as its environment check
+    is made to pass here)."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
     _write_fp8_checkpoint(qwen3, tmp_path / "fp8")
-    assert load_file(tmp_path / "fp8" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == \
-        torch.float8_e4m3fn
-    with pytest.raises(UnsupportedQuantizationError,
-                       match=r"config.json: the checkpoint's config has a quantization_config: quantization method "
-                             r"'fp8' is not streamed by lazystream.*streamed methods: none yet") as err:
-        LazyStreamModel.from_pretrained(tmp_path / "fp8", 1, device="cpu")
-    assert err.value.path.endswith("config.json")
+    monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None)
+    model = LazyStreamModel.from_pretrained(tmp_path / "fp8", 1, device="cpu")
+    up = model.model.layers[0].mlp.up_proj
+    assert type(up) is FP8Linear and up.weight.dtype == torch.float8_e4m3fn
+    stored = load_file(tmp_path / "fp8" / "model.safetensors")
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight_scale_inv"):
+        ours = model.state_dict()[name]
+        assert ours.dtype == stored[name].dtype and torch.equal(ours.view(torch.uint8), stored[name].view(torch.uint8))
 
 
 def test_the_fp8_checkpoint_is_another_model_without_its_scales(qwen3, tmp_path):
@@ -111,7 +120,8 @@ def test_each_quantized_checkpoint_is_refused_naming_its_method(qwen3, tmp_path,
     config = json.loads((qwen3 / "config.json").read_text())
     config["quantization_config"] = QUANTIZED_CONFIGS[method]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedQuantizationError, match=rf"quantization method '{method}' is not streamed"):
+    with pytest.raises(UnsupportedQuantizationError, match=rf"quantization method '{method}' is not streamed .*"
+                                                           r"streamed methods: fp8 \(pre-quantized transformers"):
         LazyStreamModel.from_pretrained(folder, 1, device="cpu")
 
 
@@ -128,12 +138,14 @@ def test_a_quantization_config_keyword_is_refused_naming_its_method(qwen3, confi
         LazyStreamModel.from_pretrained(qwen3, 1, device="cpu", quantization_config=config)
 
 
-def test_a_quantized_diffusers_checkpoint_is_refused(tmp_path, nothing_loads):
+@pytest.mark.parametrize("method", ["bitsandbytes 8-bit", "fp8"])
+def test_a_quantized_diffusers_checkpoint_is_refused(tmp_path, method):
     path = build_zimage(tmp_path / "z")
     config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = QUANTIZED_CONFIGS["bitsandbytes 8-bit"]
+    config["quantization_config"] = QUANTIZED_CONFIGS.get(method) or {"quant_method": "fp8",
+                                                                      "weight_block_size": [128, 128]}
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedQuantizationError, match=r"'bitsandbytes 8-bit' is not streamed"):
+    with pytest.raises(UnsupportedQuantizationError, match=rf"'{method}' is not streamed"):
         LazyStreamModel.from_pretrained(path, 1, device="cpu")
 
 
@@ -155,5 +167,6 @@ def test_attach_refuses_a_quantized_checkpoint(qwen3, tmp_path):
     config = Qwen3ForCausalLM.config_class.from_pretrained(qwen3)
     with init_empty_weights():
         model = Qwen3ForCausalLM(config)
-    with pytest.raises(UnsupportedQuantizationError, match=r"'fp8' is not streamed"):
+    with pytest.raises(UnsupportedQuantizationError, match=r"quantization_config \(attach streams into a model built "
+                                                           r"without the library's quantizer.*'fp8' is not streamed"):
         attach(model, tmp_path / "fp8", 1, device="cpu")
