@@ -209,10 +209,11 @@ class LazyStreamModel:
         from .single_file import open_single_file
 
         request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
+        quantization_config = kwargs.pop("quantization_config", None)  # GGUF: see single_file._quantizer
         check_keywords(kwargs, "LazyStreamModel.from_single_file")
         dtype = diffusers_dtype(dtype, kwargs.pop("torch_dtype", None))
         opened = open_single_file(path_or_repo_file, config=config, subfolder=subfolder, model_cls=model_cls,
-                                  dtype=dtype, revision=revision, config_revision=config_revision,
+                                  dtype=dtype, quantization_config=quantization_config, revision=revision, config_revision=config_revision,
                                   cache_dir=cache_dir, local_files_only=local_files_only, token=token, **kwargs)
         try:
             _attach(opened.model, opened.checkpoint, request, device=device, dtype=opened.dtype, blocks=blocks, io=io,
