@@ -1,0 +1,183 @@
+"""GGUF single files (as city96 / ComfyUI users get them: Z-Image's original keys, mixed
+Q8_0 / Q4_K / Q4_0 / F16 / F32 tensors) streamed as their stored bytes, against diffusers'
+own ``from_single_file(..., quantization_config=GGUFQuantizationConfig(...))``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel  # noqa: E402
+from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter  # noqa: E402
+
+from lazystream import LazyStreamModel, streamer_of  # noqa: E402
+from lazystream.errors import UnsupportedQuantizationError  # noqa: E402
+from lazystream.gguf import read_gguf_header  # noqa: E402
+from lazystream.synthetic import zimage_config, zimage_inputs  # noqa: E402
+from lazystream.synthetic.gguf_file import build_zimage_gguf  # noqa: E402
+
+# dim 256: rows fit Q4_K's 256-value blocks; the feed-forward's 682-wide w2 fits none (F16).
+SIZE = {"dim": 256, "n_heads": 2, "n_kv_heads": 2, "axes_dims": [32, 48, 48]}
+N_BLOCKS = 8  # 2 noise refiners, 2 context refiners, 4 layers
+
+
+def _config() -> GGUFQuantizationConfig:
+    return GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zimage-gguf")
+    return build_zimage_gguf(folder / "z_image-Q4_K_M.gguf", SIZE, config_folder=folder / "transformer"), folder
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_file):
+    file, folder = gguf_file
+    return ZImageTransformer2DModel.from_single_file(str(file), config=str(folder), subfolder="transformer",
+                                                     quantization_config=_config()).eval()
+
+
+def _load(gguf_file, keep_gpu):
+    file, folder = gguf_file
+    return LazyStreamModel.from_single_file(file, keep_gpu, config=folder, subfolder="transformer", device="cpu",
+                                            quantization_config=_config())
+
+
+def _outputs(model) -> torch.Tensor:
+    x, t, cap = zimage_inputs(zimage_config(SIZE))
+    with torch.no_grad():
+        out = model([v.bfloat16() for v in x], t, [c.bfloat16() for c in cap])[0]
+    return torch.cat([sample.flatten() for sample in out])
+
+
+def test_the_file_mixes_formats_as_city96_files_do(gguf_file):
+    formats = {rec.format or str(rec.dtype) for rec in read_gguf_header(gguf_file[0]).records}
+    assert formats == {"Q8_0", "Q4_K", "Q4_0", "torch.float16", "torch.float32"}
+
+
+@pytest.mark.parametrize("keep_gpu", [0, 3, N_BLOCKS])
+def test_outputs_equal_diffusers_gguf_model(gguf_file, reference, keep_gpu):
+    model = _load(gguf_file, keep_gpu)
+    try:
+        assert type(model.layers[1].attention.to_q) is GGUFLinear  # diffusers' own GGUF module
+        # During a call the weight is what diffusers' forward dequantizes: a GGUFParameter
+        # of the stored quant type (a plain tensor of its bytes would not be dequantized).
+        seen = {}
+        for name in ("layers.1.attention.to_out.0", "layers.0.feed_forward.w1"):
+            module = model.get_submodule(name)
+            module.register_forward_pre_hook(
+                lambda mod, args, name=name: seen.update({name: (type(mod.weight), mod.weight.quant_type.name)}))
+        assert torch.equal(_outputs(model), _outputs(reference))
+        assert seen == {"layers.1.attention.to_out.0": (GGUFParameter, "Q4_K"),
+                        "layers.0.feed_forward.w1": (GGUFParameter, "Q4_0")}
+        assert sum(not b.resident for b in streamer_of(model).plan.blocks) == N_BLOCKS - keep_gpu
+    finally:
+        streamer_of(model).close()
+
+
+def test_each_block_streams_its_stored_bytes(gguf_file):
+    """The plan and the stream count GGUF blocks at their stored size, far below the
+    dequantized bfloat16 size."""
+    model = _load(gguf_file, 0)
+    try:
+        streamer = streamer_of(model)
+        records = {rec.name: rec for rec in read_gguf_header(gguf_file[0]).records}
+        prefix = "model.diffusion_model."
+        for block in streamer.plan.blocks:
+            stored = {name for t in block.tensors for name in t.source.stored}
+            assert block.nbytes == sum(records[name].nbytes for name in stored)
+        _outputs(model)
+        assert streamer.stats().last_call.bytes_streamed == sum(b.nbytes for b in streamer.plan.blocks)
+        qkv = records[prefix + "layers.0.attention.qkv.weight"]
+        assert qkv.format == "Q8_0" and qkv.nbytes == 3 * 256 * 256 * 34 // 32  # 34 bytes per 32 values
+        formats = streamer.plan.blocks[4].formats  # layers.0
+        assert set(formats) == {"Q8_0", "Q4_K", "Q4_0", "F16", "F32"} and sum(formats.values()) == \
+            streamer.plan.blocks[4].nbytes
+        values = sum(math.prod(p.quant_shape) if hasattr(p, "quant_shape") else p.numel()
+                     for p in model.layers[0].parameters())
+        assert streamer.plan.blocks[4].nbytes < 0.6 * 2 * values  # below 0.6x its bfloat16 bytes
+    finally:
+        streamer_of(model).close()
+
+
+def test_state_dict_is_diffusers_gguf_state_dict(gguf_file, reference):
+    model = _load(gguf_file, 3)
+    try:
+        ours, theirs = model.state_dict(), reference.state_dict()
+        assert list(ours) == list(theirs)
+        for name, value in theirs.items():
+            assert type(ours[name]) is type(value), name
+            assert getattr(ours[name], "quant_type", None) == getattr(value, "quant_type", None), name
+            assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), name
+        assert sum(isinstance(v, GGUFParameter) for v in theirs.values()) > 0
+        weight = model.layers[1].attention.to_q.weight  # between calls: streamed, with its quant type
+        assert weight.quant_type == reference.layers[1].attention.to_q.weight.quant_type
+    finally:
+        streamer_of(model).close()
+
+
+def test_lora_on_top_equals_diffusers(gguf_file, tmp_path):
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    file, folder = gguf_file
+    plain = ZImageTransformer2DModel(**zimage_config(SIZE))
+    plain.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_out.0", "w1", "w3"],
+                                 init_lora_weights=False))
+    lora = {k: v.detach().clone() for k, v in get_peft_model_state_dict(plain).items()}
+    reference = ZImageTransformer2DModel.from_single_file(str(file), config=str(folder), subfolder="transformer",
+                                                          quantization_config=_config()).eval()
+    model = _load(gguf_file, 3)
+    try:
+        before = _outputs(model)
+        for m in (reference, model):
+            m.load_lora_adapter(dict(lora), adapter_name="style", prefix=None)
+        after = _outputs(model)
+        assert torch.equal(after, _outputs(reference))
+        assert not torch.equal(after, before)  # the adapter changes the outputs
+    finally:
+        streamer_of(model).close()
+
+
+def test_dtype_moves_are_refused_as_diffusers_refuses_them(gguf_file, reference):
+    model = _load(gguf_file, 3)
+    try:
+        with pytest.raises(ValueError) as theirs:
+            reference.to(torch.float16)
+        with pytest.raises(ValueError) as ours:
+            model.to(torch.float16)
+        assert str(ours.value) == str(theirs.value)
+        assert torch.equal(_outputs(model), _outputs(reference))  # nothing changed
+    finally:
+        streamer_of(model).close()
+
+
+def test_a_gguf_file_needs_its_quantization_config(gguf_file):
+    file, folder = gguf_file
+    with pytest.raises(UnsupportedQuantizationError, match="GGUFQuantizationConfig"):
+        LazyStreamModel.from_single_file(file, 0, config=folder, subfolder="transformer", device="cpu")
+    with pytest.raises(UnsupportedQuantizationError, match="'bitsandbytes 4-bit' is not streamed"):
+        LazyStreamModel.from_single_file(file, 0, config=folder, subfolder="transformer", device="cpu",
+                                         quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+
+
+def test_plan_of_a_gguf_file_prints_each_blocks_formats(gguf_file, capsys):
+    from lazystream.cli import main
+
+    file, folder = gguf_file
+    args = ["plan", str(file), "--config", str(folder), "--subfolder", "transformer", "--keep-gpu", "2",
+            "--device", "cpu"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "layers.0" in text and "Q8_0" in text and "Q4_K" in text and "block bytes stored as" in text
+    assert main([*args, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    records = read_gguf_header(file).records
+    assert sum(b["bytes"] for b in plan["blocks"]) == sum(
+        r.nbytes for r in records if any(f".{p}." in r.name for p in ("layers", "noise_refiner", "context_refiner")))
+    assert set(plan["blocks"][0]["formats"]) == {"Q8_0", "Q4_K", "Q4_0", "F16", "F32"}
