@@ -134,3 +134,26 @@ def refuse_unquantized_gguf(records: Mapping[str, TensorRecord], origin) -> None
 def format_label(record_format: str | None, dtype: torch.dtype) -> str:
     """The name of a stored format for plans: the GGUF type, else the dtype's."""
     return record_format or str(dtype).removeprefix("torch.")
+
+
+def gguf_component_configs(pipeline_kwargs: dict[str, Any], single_files: Mapping[str, str | os.PathLike]
+                           ) -> dict[str, Any]:
+    """For a pipeline: a ``quantization_config`` that is diffusers' ``GGUFQuantizationConfig``
+    (which diffusers' pipeline loader itself does not take) belongs to the loads of the
+    GGUF single-file components, as users pass it to ``from_single_file``: taken out of
+    ``pipeline_kwargs`` and returned as component name -> config.
+
+    Raises:
+        ValueError: no single file of the pipeline is a GGUF file.
+    """
+    from diffusers import GGUFQuantizationConfig
+
+    config = pipeline_kwargs.get("quantization_config")
+    if not isinstance(config, GGUFQuantizationConfig):
+        return {}
+    names = [name for name, path in single_files.items() if is_gguf(path)]
+    if not names:
+        raise ValueError("quantization_config=GGUFQuantizationConfig(...) applies to GGUF single files, and "
+                         "single_files names none; pass single_files={'transformer': '<file>.gguf'}")
+    del pipeline_kwargs["quantization_config"]
+    return dict.fromkeys(names, config)

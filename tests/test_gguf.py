@@ -181,3 +181,35 @@ def test_plan_of_a_gguf_file_prints_each_blocks_formats(gguf_file, capsys):
     assert sum(b["bytes"] for b in plan["blocks"]) == sum(
         r.nbytes for r in records if any(f".{p}." in r.name for p in ("layers", "noise_refiner", "context_refiner")))
     assert set(plan["blocks"][0]["formats"]) == {"Q8_0", "Q4_K", "Q4_0", "F16", "F32"}
+
+
+def test_a_pipeline_streams_a_gguf_transformer(tmp_path):
+    """``single_files={"transformer": "x.gguf"}`` with its GGUFQuantizationConfig equals the
+    pipeline diffusers builds around its own GGUF ``from_single_file`` transformer."""
+    from diffusers import ZImagePipeline
+
+    from lazystream.pipeline import LazyStreamPipeline, phases_of
+    from lazystream.synthetic import build_zimage_pipeline
+    from lazystream.synthetic.gguf_file import uniform_format
+
+    path = build_zimage_pipeline(tmp_path / "pipe", max_shard_size="60KB")
+    config = ZImageTransformer2DModel.load_config(path, subfolder="transformer")
+    size = {k: config[k] for k in zimage_config("tiny")}
+    file = build_zimage_gguf(tmp_path / "z-Q8_0.gguf", size, formats=uniform_format("Q8_0"), seed=3)
+    transformer = ZImageTransformer2DModel.from_single_file(str(file), config=str(path), subfolder="transformer",
+                                                            quantization_config=_config())
+    call = dict(prompt="a red cat", guidance_scale=2.0, num_inference_steps=2, height=32, width=32,
+                max_sequence_length=48, output_type="pt")
+    want = ZImagePipeline.from_pretrained(path, transformer=transformer)(
+        generator=torch.Generator().manual_seed(7), **call).images
+    pipe = LazyStreamPipeline.from_pretrained(path, {"transformer": 1, "text_encoder": 1},
+                                              single_files={"transformer": file}, quantization_config=_config())
+    try:
+        assert type(pipe.transformer.layers[0].attention.to_q) is GGUFLinear
+        assert torch.equal(pipe(generator=torch.Generator().manual_seed(7), **call).images, want)
+    finally:
+        phases_of(pipe).close()
+    with pytest.raises(UnsupportedQuantizationError, match="GGUFQuantizationConfig"):
+        LazyStreamPipeline.from_pretrained(path, {"transformer": 1}, single_files={"transformer": file})
+    with pytest.raises(ValueError, match="single_files names none"):
+        LazyStreamPipeline.from_pretrained(path, {"transformer": 1}, quantization_config=_config())

@@ -40,8 +40,10 @@ def mixed_format(name: str, shape: tuple[int, ...]) -> str:
 
 
 def uniform_format(fmt: str) -> Callable[[str, tuple[int, ...]], str]:
-    """Every matrix whose rows fit in ``fmt`` (plain weights: F16 matrices, F32 vectors)."""
-    return lambda name, shape: fmt if len(shape) == 2 and _fits(fmt, shape) else ("F16" if len(shape) == 2 else "F32")
+    """``fmt`` for every linear weight whose rows fit its blocks (as city96's files: other
+    matrices, such as pad tokens, F16; vectors F32)."""
+    return lambda name, shape: (fmt if name.endswith(".weight") and _fits(fmt, shape)
+                                else "F16" if len(shape) == 2 else "F32")
 
 
 def _fits(fmt: str, shape: tuple[int, ...]) -> bool:
