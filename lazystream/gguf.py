@@ -88,7 +88,7 @@ def quantize_skeleton(model: nn.Module, sources: SourceMap, records: Mapping[str
         UnsupportedConversionError: a parameter made of tensors of several formats, or one
             diffusers dequantizes at load (``modules_to_not_convert``, keep-in-fp32 modules).
     """
-    from diffusers.quantizers.gguf.utils import GGUFParameter
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFParameter
     from diffusers.utils import get_module_from_name
     from gguf import GGMLQuantizationType
 
@@ -99,6 +99,11 @@ def quantize_skeleton(model: nn.Module, sources: SourceMap, records: Mapping[str
             failed[name] = f"made of tensors stored as {sorted(str(f or 'plain') for f in found)}"
         elif None not in found:
             formats[name] = found.pop()
+    unsupported = {f for f in formats.values() if GGMLQuantizationType[f] not in SUPPORTED_GGUF_QUANT_TYPES}
+    if unsupported:  # diffusers' load_gguf_checkpoint refuses them too, before loading
+        raise UnsupportedQuantizationError(
+            f"GGUF quantization type(s) {sorted(unsupported)} are not supported by diffusers (as installed), which "
+            f"dequantizes {sorted(t.name for t in SUPPORTED_GGUF_QUANT_TYPES)}; use a file in one of those")
     state = {name: GGUFParameter(torch.empty(sources[name].shape, dtype=torch.uint8, device="meta"),
                                  quant_type=GGMLQuantizationType[fmt]) for name, fmt in formats.items()}
     keep = [m for m in (type(model)._keep_in_fp32_modules or []) if m is not None]
@@ -129,11 +134,6 @@ def refuse_unquantized_gguf(records: Mapping[str, TensorRecord], origin) -> None
             f"{origin} stores GGUF-quantized tensors; pass quantization_config=GGUFQuantizationConfig("
             "compute_dtype=torch.bfloat16) (from diffusers), as diffusers' from_single_file requires",
             path=origin)
-
-
-def format_label(record_format: str | None, dtype: torch.dtype) -> str:
-    """The name of a stored format for plans: the GGUF type, else the dtype's."""
-    return record_format or str(dtype).removeprefix("torch.")
 
 
 def gguf_component_configs(pipeline_kwargs: dict[str, Any], single_files: Mapping[str, str | os.PathLike]

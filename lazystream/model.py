@@ -188,15 +188,20 @@ class LazyStreamModel:
                 max_gpu_memory, activation_reserve, load: as in :meth:`from_pretrained`.
             kwargs: keyword arguments of diffusers' from_single_file: the conversion
                 function's, and model config values; those lazystream cannot honour
-                (``device_map``, ``quantization_config``, ``original_config``, ...) are
-                refused by name.
+                (``device_map``, ``original_config``, ...) are refused by name.
+                ``quantization_config``: ``GGUFQuantizationConfig(compute_dtype=...)`` for a
+                ``.gguf`` file (its quantized tensors stream as stored; diffusers' GGUF
+                modules dequantize them in their forward); any other method is refused.
 
         Returns:
             An instance of the model's class; ``lazystream.streamer_of(model)`` controls it.
 
         Raises:
             ValueError: bad keep_gpu, placement, prefetch or memory size.
-            CheckpointNotFoundError, UnsupportedFormatError: no such file, or not safetensors.
+            CheckpointNotFoundError, UnsupportedFormatError: no such file, or neither
+                safetensors nor GGUF.
+            UnsupportedQuantizationError: a quantization method other than GGUF, or a GGUF
+                file without its GGUFQuantizationConfig.
             UnknownModelClassError: no class given or named, or one diffusers cannot load
                 from a single file.
             UnsupportedConversionError: diffusers computes some values at load (names them).

@@ -214,7 +214,7 @@ class CheckpointWeight(torch.Tensor):
         return _rebuild_parameter, (self._source.host_value(), self.requires_grad)
 
     def __deepcopy__(self, memo):
-        return nn.Parameter(self._source.value_on(self.device).clone(), self.requires_grad)
+        return as_parameter(self._source.value_on(self.device).clone(), self.requires_grad, self._source.kind)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"Parameter streamed by lazystream ({self._source.name}):\n{self._source.value_on(self.device)!r}"

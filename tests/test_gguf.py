@@ -213,3 +213,38 @@ def test_a_pipeline_streams_a_gguf_transformer(tmp_path):
         LazyStreamPipeline.from_pretrained(path, {"transformer": 1}, single_files={"transformer": file})
     with pytest.raises(ValueError, match="single_files names none"):
         LazyStreamPipeline.from_pretrained(path, {"transformer": 1}, quantization_config=_config())
+
+
+def test_direct_staged_reads_of_gguf_bytes_equal(gguf_file, reference):
+    """The io path reads GGUF byte runs unchanged: O_DIRECT reads through the staging ring."""
+    from lazystream.io import IOConfig
+
+    file, folder = gguf_file
+    model = LazyStreamModel.from_single_file(file, 2, config=folder, subfolder="transformer", device="cpu",
+                                             quantization_config=_config(), io=IOConfig(mode="direct", staged=True))
+    try:
+        assert torch.equal(_outputs(model), _outputs(reference))
+        assert streamer_of(model).stats().last_call.fill_bytes > 0  # it went through the ring
+    finally:
+        streamer_of(model).close()
+
+
+def test_auto_fits_more_gguf_blocks_in_the_same_budget(gguf_file, tmp_path):
+    """keep_gpu="auto" plans in stored bytes: a budget that holds 2 blocks of the bfloat16
+    file holds more of the GGUF file of the same model."""
+    from lazystream.synthetic.single_file import build_zimage_single_file
+
+    file, folder = gguf_file
+    bf16 = build_zimage_single_file(tmp_path / "z-bf16.safetensors", SIZE, dtype=torch.bfloat16)
+    plain = LazyStreamModel.from_single_file(bf16, 0, config=folder, subfolder="transformer", device="cpu",
+                                             dtype=torch.bfloat16, load=False)
+    budget = streamer_of(plain).plan.estimate_device_bytes(2)
+    streamer_of(plain).close()
+    model = LazyStreamModel.from_single_file(file, "auto", config=folder, subfolder="transformer", device="cpu",
+                                             quantization_config=_config(), max_gpu_memory=budget,
+                                             activation_reserve=0, load=False)
+    try:
+        plan = streamer_of(model).plan
+        assert plan.keep_gpu > 2 and plan.device_bytes <= budget
+    finally:
+        streamer_of(model).close()
