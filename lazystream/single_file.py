@@ -42,20 +42,25 @@ def open_single_file(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    quantization_config: Any = None,
     **kwargs: Any,
 ) -> SingleFileModel:
     """Resolve and open the file, then :func:`convert_single_file` its tensors (see
     :meth:`lazystream.LazyStreamModel.from_single_file` for the arguments).
 
     Raises:
-        CheckpointNotFoundError, UnsupportedFormatError: no such file, or not safetensors.
+        UnsupportedQuantizationError: a quantization method other than GGUF (before the
+            file is looked for).
+        CheckpointNotFoundError, UnsupportedFormatError: no such file, or neither
+            safetensors nor GGUF.
         And those of :func:`convert_single_file`.
     """
+    _refuse_other_quantization(quantization_config)
     ckpt = Checkpoint(resolve_single_file(path_or_url, revision=revision, cache_dir=cache_dir, token=token,
                                           local_files_only=local_files_only))
     try:
         opened = convert_single_file(ckpt, origin=path_or_url, cache_dir=cache_dir, local_files_only=local_files_only,
-                                     token=token, **kwargs)
+                                     token=token, quantization_config=quantization_config, **kwargs)
     except BaseException:
         ckpt.close()
         raise
@@ -140,19 +145,24 @@ def _quantizer(quantization_config: Any, records: Mapping[str, TensorRecord], or
     """diffusers' own quantizer for a GGUF ``quantization_config`` (None without one);
     any other method is refused by name."""
     from .gguf import refuse_unquantized_gguf
-    from .keywords import quantization_method, refuse_quantization
 
     if quantization_config is None:
         refuse_unquantized_gguf(records, origin)
         return None
-    if quantization_method(quantization_config) != "gguf":
-        refuse_quantization(quantization_config, "LazyStreamModel.from_single_file(quantization_config=...)",
-                            keyword=True)
+    _refuse_other_quantization(quantization_config)
     from diffusers.quantizers import DiffusersAutoQuantizer
 
     quantizer = DiffusersAutoQuantizer.from_config(quantization_config)
     quantizer.validate_environment()
     return quantizer
+
+
+def _refuse_other_quantization(quantization_config: Any) -> None:
+    from .keywords import quantization_method, refuse_quantization
+
+    if quantization_config is not None and quantization_method(quantization_config) != "gguf":
+        refuse_quantization(quantization_config, "LazyStreamModel.from_single_file(quantization_config=...)",
+                            keyword=True)
 
 
 def _quantized(model_cls, model_config: dict, records: Mapping[str, TensorRecord], convert, convert_kwargs,
