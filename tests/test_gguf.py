@@ -248,3 +248,37 @@ def test_auto_fits_more_gguf_blocks_in_the_same_budget(gguf_file, tmp_path):
         assert plan.keep_gpu > 2 and plan.device_bytes <= budget
     finally:
         streamer_of(model).close()
+
+
+def test_a_flux2_gguf_file_equals_diffusers_gguf_model(tmp_path):
+    """Another architecture and conversion (FLUX.2's fused qkv split, its final modulation's
+    halves swapped): Q8_0 linear weights, outputs and state_dict as diffusers' own."""
+    from diffusers import Flux2Transformer2DModel
+
+    from lazystream.synthetic.gguf_file import build_flux2_gguf
+
+    file = build_flux2_gguf(tmp_path / "flux2-Q8_0.gguf", config_folder=tmp_path / "transformer")
+    kwargs = dict(config=str(tmp_path), subfolder="transformer", quantization_config=_config())
+    reference = Flux2Transformer2DModel.from_single_file(str(file), **kwargs).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 16, 8, generator=g).bfloat16(),
+                  encoder_hidden_states=torch.randn(2, 7, 32, generator=g).bfloat16(),
+                  timestep=torch.tensor([0.25, 0.75]), guidance=torch.tensor([3.5, 3.5]),
+                  img_ids=torch.stack([torch.zeros(16), torch.arange(16) // 4, torch.arange(16) % 4,
+                                       torch.zeros(16)], dim=1),
+                  txt_ids=torch.stack([torch.zeros(7), torch.zeros(7), torch.zeros(7), torch.arange(7.0)], dim=1))
+    with torch.no_grad():
+        want = reference(**inputs)[0]
+    assert want.abs().sum() > 0 and not want.isnan().any()
+    for keep_gpu in (0, 2):
+        model = LazyStreamModel.from_single_file(file, keep_gpu, device="cpu", **kwargs)
+        try:
+            assert sum(isinstance(m, GGUFLinear) for m in model.modules()) == \
+                sum(isinstance(m, GGUFLinear) for m in reference.modules()) > 0
+            with torch.no_grad():
+                assert torch.equal(model(**inputs)[0], want)
+            ours, theirs = model.state_dict(), reference.state_dict()
+            assert list(ours) == list(theirs) and all(
+                type(ours[k]) is type(v) and torch.equal(ours[k], v) for k, v in theirs.items())
+        finally:
+            streamer_of(model).close()

@@ -80,18 +80,41 @@ def build_zimage_gguf(path: str | os.PathLike[str], size: str | Mapping[str, Any
     """Write a random-weight ``ZImageTransformer2DModel`` to the GGUF file ``path`` in
     Z-Image's original layout (``prefix`` as ComfyUI writes it), each tensor in the format
     ``formats(name, shape)`` gives; ``config_folder`` receives the diffusers config.json."""
-    import gguf
-    from accelerate import init_empty_weights
     from diffusers import ZImageTransformer2DModel
 
+    return build_gguf(ZImageTransformer2DModel, zimage_config(size), original_zimage_state, path, formats=formats,
+                      seed=seed, prefix=prefix, config_folder=config_folder)
+
+
+def build_flux2_gguf(path: str | os.PathLike[str], size: str | Mapping[str, Any] = "tiny", *,
+                     formats: Callable[[str, tuple[int, ...]], str] = uniform_format("Q8_0"), seed: int = 0,
+                     prefix: str = "", config_folder: str | os.PathLike[str] | None = None) -> Path:
+    """Write a random-weight ``Flux2Transformer2DModel`` to the GGUF file ``path`` in FLUX.2's
+    original layout (see :func:`build_zimage_gguf`)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from .single_file import flux2_config, original_flux2_state
+
+    return build_gguf(Flux2Transformer2DModel, flux2_config(size), original_flux2_state, path, formats=formats,
+                      seed=seed, prefix=prefix, config_folder=config_folder)
+
+
+def build_gguf(cls, config: Mapping[str, Any], original: Callable[..., dict[str, torch.Tensor]],
+               path: str | os.PathLike[str], *, formats: Callable[[str, tuple[int, ...]], str], seed: int,
+               prefix: str, config_folder: str | os.PathLike[str] | None) -> Path:
+    """A random-weight ``cls(**config)``, its state put in the original layout by
+    ``original(state, prefix)``, written to ``path`` with each tensor in ``formats(name, shape)``."""
+    import gguf
+    from accelerate import init_empty_weights
+
     with init_empty_weights(include_buffers=False):
-        model = ZImageTransformer2DModel(**zimage_config(size))
+        model = cls(**config)
     fill_random_weights(model, torch.float32, seed)
-    state = original_zimage_state(model.state_dict(), prefix)
+    state = original(model.state_dict(), prefix)
     rng = np.random.default_rng(seed)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(out, arch="lumina2")
+    writer = gguf.GGUFWriter(out, arch=cls.__name__)
     for name, value in state.items():
         array, raw = encode(value, formats(name, tuple(value.shape)), rng)
         writer.add_tensor(name, array, raw_dtype=raw)
