@@ -282,3 +282,18 @@ def test_a_flux2_gguf_file_equals_diffusers_gguf_model(tmp_path):
                 type(ours[k]) is type(v) and torch.equal(ours[k], v) for k, v in theirs.items())
         finally:
             streamer_of(model).close()
+
+
+def test_without_its_kind_the_bound_tensor_is_not_dequantized(gguf_file, monkeypatch):
+    """Negative control for the parameter kind: bound as a plain Parameter of its bytes, a
+    streamed GGUF weight reaches diffusers' forward undequantized, and the call fails."""
+    import lazystream.buffers
+    from lazystream.weights import as_parameter
+
+    monkeypatch.setattr(lazystream.buffers, "as_parameter", lambda value, rg, kind: as_parameter(value, rg, None))
+    model = _load(gguf_file, 0)
+    try:
+        with pytest.raises(RuntimeError):
+            _outputs(model)
+    finally:
+        streamer_of(model).close()
