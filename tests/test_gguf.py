@@ -147,11 +147,12 @@ def test_lora_on_top_equals_diffusers(gguf_file, tmp_path):
 def test_dtype_moves_are_refused_as_diffusers_refuses_them(gguf_file, reference):
     model = _load(gguf_file, 3)
     try:
-        with pytest.raises(ValueError) as theirs:
-            reference.to(torch.float16)
-        with pytest.raises(ValueError) as ours:
-            model.to(torch.float16)
-        assert str(ours.value) == str(theirs.value)
+        for move in (lambda m: m.to(torch.float16), lambda m: m.half(), lambda m: m.float()):
+            with pytest.raises(ValueError) as theirs:
+                move(reference)
+            with pytest.raises(ValueError) as ours:
+                move(model)
+            assert str(ours.value) == str(theirs.value)
         assert torch.equal(_outputs(model), _outputs(reference))  # nothing changed
     finally:
         streamer_of(model).close()
