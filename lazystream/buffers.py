@@ -15,7 +15,7 @@ from .devices import CudaDevice, HostDevice
 from .errors import DeviceMemoryError
 from .io import Loader, Ticket
 from .plan import MAP_ALIGN, BlockPlan, StreamPlan, TensorPlacement, _round_up
-from .weights import apply_casts
+from .weights import apply_casts, as_parameter
 
 # Resident tensors that need a dtype conversion are loaded through a temporary buffer
 # of at most this many bytes (or one tensor, if larger), then converted on the device.
@@ -82,7 +82,7 @@ class DeviceBuffers:
         ops.compute_waits_for(ticket.ready)
         for t in plan.resident_tensors:
             value = view(self.arena, t.offset, t.dtype, t.source.shape)
-            self.resident.params[t.name] = nn.Parameter(value, self._requires_grad(t.name))
+            self.resident.params[t.name] = as_parameter(value, self._requires_grad(t.name), t.source.kind)
 
     def _load_casts(self, tensors: list[TensorPlacement]) -> None:
         """Read stored bytes into a bounded temporary buffer and convert them into the
@@ -118,7 +118,7 @@ class DeviceBuffers:
                     target = view(self.scratch, t.cast_offset, t.dtype, t.source.shape)
                     casts.append((target, raw, t.via))
                     raw = target
-                params[t.name] = nn.Parameter(raw, self._requires_grad(t.name))
+                params[t.name] = as_parameter(raw, self._requires_grad(t.name), t.source.kind)
             bound = self._views[key] = Bound(params, casts)
         if bound.casts:
             # The previous block's forward may still read the scratch on another stream;

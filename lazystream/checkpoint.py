@@ -24,6 +24,7 @@ from .errors import (
     MissingShardError,
     ShardChangedError,
 )
+from .gguf import is_gguf, read_gguf_header
 from .header import ShardHeader, TensorRecord, read_header
 from .resolve import WeightFiles, resolve
 from .source import TensorSource
@@ -225,7 +226,7 @@ class Checkpoint(Mapping[str, TensorRecord]):
     @staticmethod
     def _read_headers(files: WeightFiles) -> list[ShardHeader]:
         if files.index is None:
-            return [read_header(files.single)]
+            return [read_gguf_header(files.single) if is_gguf(files.single) else read_header(files.single)]
         names = sorted(set(read_index(files.index).values()))
         headers = []
         for name in names:

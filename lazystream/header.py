@@ -52,7 +52,10 @@ DTYPES: dict[str, torch.dtype] = {
 
 @dataclass(frozen=True)
 class TensorRecord:
-    """Where one tensor's bytes lie: ``nbytes`` bytes at absolute ``offset`` in ``file``."""
+    """Where one tensor's bytes lie: ``nbytes`` bytes at absolute ``offset`` in ``file``.
+
+    ``format``: how the bytes encode values when not as ``dtype`` (a GGUF quantization
+    type such as ``"Q4_K"``, its blocks stored as ``uint8``); None for plain tensors."""
 
     name: str
     file: Path
@@ -60,6 +63,7 @@ class TensorRecord:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    format: str | None = None
 
 
 @dataclass(frozen=True)

@@ -190,15 +190,20 @@ class LazyStreamModel:
                 max_gpu_memory, activation_reserve, load: as in :meth:`from_pretrained`.
             kwargs: keyword arguments of diffusers' from_single_file: the conversion
                 function's, and model config values; those lazystream cannot honour
-                (``device_map``, ``quantization_config``, ``original_config``, ...) are
-                refused by name.
+                (``device_map``, ``original_config``, ...) are refused by name.
+                ``quantization_config``: ``GGUFQuantizationConfig(compute_dtype=...)`` for a
+                ``.gguf`` file (its quantized tensors stream as stored; diffusers' GGUF
+                modules dequantize them in their forward); any other method is refused.
 
         Returns:
             An instance of the model's class; ``lazystream.streamer_of(model)`` controls it.
 
         Raises:
             ValueError: bad keep_gpu, placement, prefetch or memory size.
-            CheckpointNotFoundError, UnsupportedFormatError: no such file, or not safetensors.
+            CheckpointNotFoundError, UnsupportedFormatError: no such file, or neither
+                safetensors nor GGUF.
+            UnsupportedQuantizationError: a quantization method other than GGUF, or a GGUF
+                file without its GGUFQuantizationConfig.
             UnknownModelClassError: no class given or named, or one diffusers cannot load
                 from a single file.
             UnsupportedConversionError: diffusers computes some values at load (names them).
@@ -211,10 +216,11 @@ class LazyStreamModel:
         from .single_file import open_single_file
 
         request = PlanRequest.of(keep_gpu, placement, prefetch, max_gpu_memory, activation_reserve)
+        quantization_config = kwargs.pop("quantization_config", None)  # GGUF: see single_file._quantizer
         check_keywords(kwargs, "LazyStreamModel.from_single_file")
         dtype = diffusers_dtype(dtype, kwargs.pop("torch_dtype", None))
         opened = open_single_file(path_or_repo_file, config=config, subfolder=subfolder, model_cls=model_cls,
-                                  dtype=dtype, revision=revision, config_revision=config_revision,
+                                  dtype=dtype, quantization_config=quantization_config, revision=revision, config_revision=config_revision,
                                   cache_dir=cache_dir, local_files_only=local_files_only, token=token, **kwargs)
         try:
             _attach(opened.model, opened.checkpoint, request, device=device, dtype=opened.dtype, blocks=blocks, io=io,

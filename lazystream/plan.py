@@ -13,9 +13,11 @@ from torch import nn
 from . import cost
 from .adapters import ModelFamily
 from .errors import MissingTensorsError, ShapeMismatchError
+from .header import DTYPES
 from .source import TensorSource
 
 PLACEMENTS = ("first", "spread", "cost")
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # Where a tensor starts decides which kernels run on it (MKL and cuBLAS choose by
 # pointer alignment), and so its last bits: outputs equal the library loader's only if
@@ -75,6 +77,27 @@ class BlockPlan:
     def resident_nbytes(self) -> int:
         """Bytes it takes when resident (in the target dtypes)."""
         return sum(t.source.numel * t.dtype.itemsize for t in self.tensors)
+
+    @property
+    def formats(self) -> dict[str, int]:
+        """Its stored bytes by the format they are stored in (``{"Q4_K": ..., "F32": ...}``)."""
+        return stored_formats(self.tensors)
+
+
+def stored_formats(tensors: Sequence[TensorPlacement]) -> dict[str, int]:
+    """Stored bytes of ``tensors`` by format: a quantized tensor's (``"Q4_K"``), else its
+    stored dtype's safetensors name (``"BF16"``), most bytes first."""
+    out: dict[str, int] = {}
+    for t in tensors:
+        label = t.source.kind.label if t.source.kind is not None else _DTYPE_NAMES.get(t.source.dtype, str(t.source.dtype))
+        out[label] = out.get(label, 0) + t.source.nbytes
+    return dict(sorted(out.items(), key=lambda item: -item[1]))
+
+
+def describe_formats(formats: Mapping[str, int]) -> str:
+    """``"Q4_K 60.2%, F32 39.8%"``: each format's share of the bytes."""
+    total = sum(formats.values()) or 1
+    return ", ".join(f"{label} {nbytes / total:.1%}" for label, nbytes in formats.items())
 
 
 @dataclass(frozen=True)
@@ -188,6 +211,7 @@ class StreamPlan:
             f" + cast scratch {self.scratch_bytes / mib:.1f}",
             f"  streamed per call {self.streamed_bytes / mib:.1f} MiB, {self.streamed_share:.1%} of the weights "
             f"(blocks hold {self.block_share:.1%}: keep_gpu=0 streams that)",
+            f"  block bytes stored as {describe_formats(self.block_formats)}",
         ]
         if self.budget is not None:
             b = self.budget
@@ -211,6 +235,11 @@ class StreamPlan:
                              "placement='cost' or keep_gpu='auto'), so no total time or bound")
         return "\n".join(lines)
 
+    @property
+    def block_formats(self) -> dict[str, int]:
+        """Every block's stored bytes by format (see :func:`stored_formats`)."""
+        return stored_formats([t for b in self.blocks for t in b.tensors])
+
     def summary(self) -> dict:
         """Plain data for ``lazystream plan --json``."""
         return {
@@ -219,7 +248,8 @@ class StreamPlan:
             "keep_gpu": self.keep_gpu,
             "placement": self.placement,
             "prefetch": self.prefetch,
-            "blocks": [{"path": b.path, "bytes": b.nbytes, "resident": b.resident} for b in self.blocks],
+            "blocks": [{"path": b.path, "bytes": b.nbytes, "resident": b.resident, "formats": b.formats}
+                       for b in self.blocks],
             "device_bytes": self.device_bytes,
             "resident_bytes": self.resident_bytes,
             "kept_bytes": self.kept_bytes,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CheckpointNotFoundError
+from .plan import describe_formats
 from .resolve import (WeightFiles, hub_errors, is_offline, list_hub_files, looks_like_path, resolve, select_weights,
                       weight_subfolders)
 
@@ -148,7 +149,8 @@ def _single_file_plan(args: argparse.Namespace):
     local = Path(args.repo).expanduser().is_file()
     try:
         opened = open_single_file(args.repo, config=args.config, subfolder=args.subfolder, dtype=dtype,
-                                  revision=args.revision, local_files_only=not local)
+                                  revision=args.revision, local_files_only=not local,
+                                  quantization_config=_gguf_config(args.repo, dtype))
     except CheckpointNotFoundError:
         if local or is_offline():
             raise
@@ -164,6 +166,20 @@ def _single_file_plan(args: argparse.Namespace):
                                   built_here=True, measure=True, checkpoint_id=checkpoint_id(ckpt),
                                   shard=ckpt.shard_paths[0], sources=opened.sources, family=opened.family)
     return plan, type(opened.model).__name__, device
+
+
+def _gguf_config(path: str, dtype):
+    """A GGUF file's plan is that of its load with GGUFQuantizationConfig(compute_dtype=dtype
+    or bfloat16); no quantization for other files."""
+    import torch
+
+    from .gguf import is_gguf
+
+    if not is_gguf(path):
+        return None
+    from diffusers import GGUFQuantizationConfig
+
+    return GGUFQuantizationConfig(compute_dtype=dtype or torch.bfloat16)
 
 
 def _remote_single_file(url: str, revision: str | None):
@@ -244,8 +260,8 @@ def render(plan: StreamPlan, class_name: str, staging: int, moe: dict | None = N
     mib = 2**20
     width = max(len(b.path) for b in plan.blocks) if plan.blocks else 5
     lines = [f"{class_name}: {len(plan.blocks)} blocks", f"  {'block':<{width}}  {'MiB':>8}  where"]
-    lines += [f"  {b.path:<{width}}  {b.nbytes / mib:>8.1f}  {'resident' if b.resident else 'streamed'}"
-              for b in plan.blocks]
+    lines += [f"  {b.path:<{width}}  {b.nbytes / mib:>8.1f}  {'resident' if b.resident else 'streamed'}  "
+              f"{describe_formats(b.formats)}" for b in plan.blocks]
     lines.append(str(plan))
     if moe:
         lines.append(f"  MoE: experts are {moe['expert_bytes_per_call'] / mib:.1f} of the {plan.streamed_bytes / mib:.1f} "

@@ -42,20 +42,25 @@ def open_single_file(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    quantization_config: Any = None,
     **kwargs: Any,
 ) -> SingleFileModel:
     """Resolve and open the file, then :func:`convert_single_file` its tensors (see
     :meth:`lazystream.LazyStreamModel.from_single_file` for the arguments).
 
     Raises:
-        CheckpointNotFoundError, UnsupportedFormatError: no such file, or not safetensors.
+        UnsupportedQuantizationError: a quantization method other than GGUF (before the
+            file is looked for).
+        CheckpointNotFoundError, UnsupportedFormatError: no such file, or neither
+            safetensors nor GGUF.
         And those of :func:`convert_single_file`.
     """
+    _refuse_other_quantization(quantization_config)
     ckpt = Checkpoint(resolve_single_file(path_or_url, revision=revision, cache_dir=cache_dir, token=token,
                                           local_files_only=local_files_only))
     try:
         opened = convert_single_file(ckpt, origin=path_or_url, cache_dir=cache_dir, local_files_only=local_files_only,
-                                     token=token, **kwargs)
+                                     token=token, quantization_config=quantization_config, **kwargs)
     except BaseException:
         ckpt.close()
         raise
@@ -75,16 +80,22 @@ def convert_single_file(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    quantization_config: Any = None,
     **kwargs: Any,
 ) -> SingleFileModel:
     """Resolve the model config as diffusers' ``from_single_file`` does, build the
     skeleton, and trace diffusers' conversion of ``records`` (the file's tensors, from
     ``origin``: named in errors) into each parameter's source. Reads headers only.
 
+    ``quantization_config``: diffusers' ``GGUFQuantizationConfig`` (for a GGUF file): the
+    skeleton gets diffusers' GGUF modules, and each quantized tensor streams as stored.
+
     Raises:
         UnknownModelClassError: neither model_cls nor a config names a class diffusers
             loads from single files.
         UnsupportedConversionError: the conversion computes values (not byte runs).
+        UnsupportedQuantizationError: a quantization method other than GGUF, or a GGUF
+            file without its GGUFQuantizationConfig.
     """
     from diffusers.loaders.single_file_model import (
         SINGLE_FILE_LOADABLE_CLASSES,
@@ -115,6 +126,9 @@ def convert_single_file(
         )
     convert = SINGLE_FILE_LOADABLE_CLASSES[mapping_name]["checkpoint_mapping_fn"]
     convert_kwargs = _get_mapping_function_kwargs(convert, **kwargs)
+    quantizer = _quantizer(quantization_config, records, origin)
+    if quantizer is not None:
+        return _quantized(model_cls, model_config, records, convert, convert_kwargs, quantizer, dtype)
     # diffusers builds the model in torch's default dtype, loads each tensor cast to
     # dtype (or to its parameter's dtype without one), then casts the whole model with
     # .to(dtype): keep-in-fp32 modules and floating buffers end in dtype too.
@@ -125,6 +139,47 @@ def convert_single_file(
         model, records, lambda checkpoint: convert(config=model_config, checkpoint=checkpoint, **convert_kwargs),
         ignored=getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
     return SingleFileModel(model, sources, ModelFamily("diffusers", ()), dtype or torch.get_default_dtype())
+
+
+def _quantizer(quantization_config: Any, records: Mapping[str, TensorRecord], origin) -> Any:
+    """diffusers' own quantizer for a GGUF ``quantization_config`` (None without one);
+    any other method is refused by name."""
+    from .gguf import refuse_unquantized_gguf
+
+    if quantization_config is None:
+        refuse_unquantized_gguf(records, origin)
+        return None
+    _refuse_other_quantization(quantization_config)
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    quantizer = DiffusersAutoQuantizer.from_config(quantization_config)
+    quantizer.validate_environment()
+    return quantizer
+
+
+def _refuse_other_quantization(quantization_config: Any) -> None:
+    from .keywords import quantization_method, refuse_quantization
+
+    if quantization_config is not None and quantization_method(quantization_config) != "gguf":
+        refuse_quantization(quantization_config, "LazyStreamModel.from_single_file(quantization_config=...)",
+                            keyword=True)
+
+
+def _quantized(model_cls, model_config: dict, records: Mapping[str, TensorRecord], convert, convert_kwargs,
+               quantizer, dtype: torch.dtype | None) -> SingleFileModel:
+    """The GGUF path of diffusers' from_single_file: the model stays in torch's default
+    dtype (no final ``.to``), each plain tensor loads cast to the quantizer's dtype (float32
+    in keep-in-fp32 modules), and quantized weights load as stored into GGUF modules."""
+    from .gguf import quantize_skeleton
+
+    dtype = quantizer.update_torch_dtype(dtype)
+    model = build_skeleton(model_cls, model_config, torch.get_default_dtype())
+    sources = single_file_sources(
+        model, records, lambda checkpoint: convert(config=model_config, checkpoint=checkpoint, **convert_kwargs),
+        ignored=getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    sources = quantize_skeleton(model, sources, records, quantizer)
+    keep = tuple(m for m in (model_cls._keep_in_fp32_modules or ()) if m is not None)
+    return SingleFileModel(model, sources, ModelFamily("diffusers", keep), dtype)
 
 
 def _model_config(config: str, subfolder: str | None, model_cls: type[nn.Module] | None, config_revision,

@@ -23,6 +23,7 @@ import torch
 from torch.utils import _pytree
 
 from .header import TensorRecord
+from .weights import ParameterKind
 
 # A conversion whose result would take more copies than this per tensor (an element-wise
 # transpose, say) is not streamed: that many small copies would cost more than they save.
@@ -50,6 +51,8 @@ class TensorSource:
     loader makes the value a new tensor (a stack, a concatenation, a copy), not a view
     of the mapped file (a stored tensor, or a piece of one split along its first
     dimension); on the CPU that decides its alignment, and so the kernels that read it.
+    ``kind``: the library's parameter class and state for bytes it does not hold as a
+    plain tensor (a GGUF quantized tensor), None for plain tensors.
     """
 
     name: str
@@ -58,6 +61,7 @@ class TensorSource:
     runs: tuple[ByteRun, ...]
     stored: tuple[str, ...]
     fresh: bool = False
+    kind: ParameterKind | None = None
 
     @classmethod
     def of(cls, rec: TensorRecord, name: str | None = None) -> TensorSource:

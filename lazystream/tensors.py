@@ -74,7 +74,8 @@ class ModelTensors:
         model.register_state_dict_pre_hook(lambda *args: epoch.__setitem__(0, epoch[0] + 1))
         for name, t in plan.placements.items():
             (module, leaf), *_ = aliases[name]
-            source = self.sources[name] = WeightSource(name, functools.partial(read, t.source), t.casts, epoch=epoch)
+            source = self.sources[name] = WeightSource(name, functools.partial(read, t.source), t.casts, epoch=epoch,
+                                                       kind=t.source.kind)
             weight = CheckpointWeight(source, t.source.shape, t.dtype, device, module._parameters[leaf].requires_grad)
             for module, leaf in aliases[name]:
                 module._parameters[leaf] = weight

@@ -54,6 +54,39 @@ def cast_chain(stored: torch.dtype, casts: tuple[torch.dtype, ...]) -> tuple[tor
     return tuple(chain[1:])
 
 
+@dataclass(frozen=True)
+class ParameterKind:
+    """What a library makes of a parameter's stored bytes beyond a plain tensor: its
+    parameter class (diffusers' ``GGUFParameter``) and the state that lives on the
+    parameter object outside its data (a GGUF tensor's ``quant_type``). The bound tensor
+    of a call, the host value (``state_dict``) and the between-calls weight all carry it,
+    so the library's own forward (which dequantizes) sees what it sees on its own model.
+
+    ``label`` names the format of the stored bytes, for plans (``"Q4_K"``).
+    """
+
+    cls: type
+    state: tuple[tuple[str, object], ...]
+    label: str
+
+    @classmethod
+    def of(cls, param: torch.Tensor, label: str) -> ParameterKind:
+        """The kind of ``param``, a library's parameter (on the meta device, say)."""
+        return cls(type(param), tuple(vars(param).items()), label)
+
+    def wrap(self, value: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+        """``value`` (no copy) as a parameter of this kind."""
+        param = torch.Tensor._make_subclass(self.cls, value, requires_grad)
+        param.__dict__.update(self.state)
+        return param
+
+
+def as_parameter(value: torch.Tensor, requires_grad: bool, kind: ParameterKind | None) -> nn.Parameter:
+    """``value`` (no copy) as the parameter the library's model holds: of ``kind`` when
+    the stored bytes have one, else a plain ``nn.Parameter``."""
+    return nn.Parameter(value, requires_grad) if kind is None else kind.wrap(value, requires_grad)
+
+
 def apply_casts(value: torch.Tensor, chain: tuple[torch.dtype, ...]) -> torch.Tensor:
     for dtype in chain:
         value = value.to(dtype)
@@ -73,6 +106,7 @@ class WeightSource:
     read: Callable[[], torch.Tensor]
     chain: tuple[torch.dtype, ...]
     bound: torch.Tensor | None = None
+    kind: ParameterKind | None = None
     # ``epoch[0]`` moves at every state_dict() of the model; within one, a tied weight's
     # host value is given once (see host_value).
     epoch: list[int] = field(default_factory=lambda: [0])
@@ -89,6 +123,8 @@ class WeightSource:
                 return value
         with torch.inference_mode(False), torch.no_grad():
             value = apply_casts(self.read(), self.chain)
+            if self.kind is not None:
+                value = self.kind.wrap(value, False)
         self._host = (weakref.ref(value), self.epoch[0], self.chain, value._version)
         return value
 
@@ -127,6 +163,8 @@ class CheckpointWeight(torch.Tensor):
                                                      requires_grad=requires_grad)
         weight._source = source
         weight._is_param = True  # an nn.Parameter for isinstance and module registration
+        if source.kind is not None:  # state such as a GGUF quant_type reads as on the library's parameter
+            weight.__dict__.update(source.kind.state)
         return weight
 
     @classmethod
@@ -176,7 +214,7 @@ class CheckpointWeight(torch.Tensor):
         return _rebuild_parameter, (self._source.host_value(), self.requires_grad)
 
     def __deepcopy__(self, memo):
-        return nn.Parameter(self._source.value_on(self.device).clone(), self.requires_grad)
+        return as_parameter(self._source.value_on(self.device).clone(), self.requires_grad, self._source.kind)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"Parameter streamed by lazystream ({self._source.name}):\n{self._source.value_on(self.device)!r}"

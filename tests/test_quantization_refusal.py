@@ -150,12 +150,11 @@ def test_a_quantized_diffusers_checkpoint_is_refused(tmp_path, method):
 
 
 def test_a_quantization_config_keyword_of_from_single_file_is_refused(tmp_path):
-    from diffusers import GGUFQuantizationConfig
-
+    # GGUF is streamed (tests/test_gguf.py); any other method is refused before the file is looked for.
     with pytest.raises(UnsupportedQuantizationError, match=r"from_single_file\(quantization_config=...\).*"
-                                                           r"'gguf' is not streamed"):
+                                                           r"'bitsandbytes 4-bit' is not streamed"):
         LazyStreamModel.from_single_file(tmp_path / "any.safetensors", 1,
-                                         quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
+                                         quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
 
 
 def test_attach_refuses_a_quantized_checkpoint(qwen3, tmp_path):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..gguf import gguf_component_configs
 from ..io import IOConfig
 from ..model import LazyStreamModel, resolve_device, streamer_of
 from ..plan import check_args
@@ -77,6 +78,8 @@ class LazyStreamPipeline:
                 in the original layout (a path, or a hub file URL) to stream instead of
                 the repo's weights, as :meth:`LazyStreamModel.from_single_file` with the
                 repo's subfolder as its config; e.g. ``{"transformer": "z_image_turbo_bf16.safetensors"}``.
+                A GGUF file takes ``quantization_config=GGUFQuantizationConfig(compute_dtype=...)``
+                (given here; it goes to the GGUF files' loads, not to diffusers' pipeline loader).
             placement, prefetch, io: as in :meth:`LazyStreamModel.from_pretrained`, for
                 every streamed component.
             max_gpu_memory, activation_reserve: the budget of each "auto" component, as
@@ -123,6 +126,7 @@ class LazyStreamPipeline:
         if pipeline_cls is None:
             pipeline_cls = _pipeline_class(index, repo_or_path)
         classes = {name: _component_class(index, name, repo_or_path) for name in names}
+        gguf_configs = gguf_component_configs(pipeline_kwargs, single_files)  # GGUF files' own loads take it
         refuse_streamed_quantization(pipeline_kwargs.get("quantization_config"), classes)
         order = _phase_order(phases, pipeline_cls, index, repo_or_path)
         device = resolve_device(device)
@@ -145,7 +149,7 @@ class LazyStreamPipeline:
                 if name in single_files:
                     streamed[name] = LazyStreamModel.from_single_file(
                         single_files[name], keep_gpu[name], config=os.fspath(repo_or_path), subfolder=name,
-                        config_revision=revision, **common)
+                        config_revision=revision, quantization_config=gguf_configs.get(name), **common)
                 else:
                     streamed[name] = LazyStreamModel.from_pretrained(
                         repo_or_path, keep_gpu[name], subfolder=name, variant=variant, revision=revision, **common)
