@@ -142,7 +142,8 @@ def refuse_quantization(config: Any, where: str, *, keyword: bool = False, path=
     method = quantization_method(config)
     if method in streamed and not keyword:
         return
-    names = ", ".join(f"{m} (pre-quantized transformers checkpoints)" for m in STREAMED_QUANTIZATION) or "none"
+    names = ", ".join(f"{m} (pre-quantized transformers checkpoints)" for m in STREAMED_QUANTIZATION) + \
+        ", gguf (diffusers single files, from_single_file(..., quantization_config=GGUFQuantizationConfig(...)))"
     if keyword:
         raise UnsupportedQuantizationError(
             f"{where}: quantization method {method!r} is not streamed by lazystream when given as a keyword (the "
