@@ -70,8 +70,23 @@ def rewrite_shard(path: Path, edit) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+_earlier_io_threads: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _ignore_earlier_io_threads():
+    """The checks below are of the models each test makes: a reader thread still alive from
+    an earlier test file's model (one the garbage collector has not reached yet) is not
+    theirs."""
+    gc.collect()
+    _earlier_io_threads.clear()
+    _earlier_io_threads.update(t for t in threading.enumerate() if t.name == "lazystream-io")
+    yield
+
+
 def io_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "lazystream-io"]
+    """The lazystream reader threads started during this test and still alive."""
+    return [t for t in threading.enumerate() if t.name == "lazystream-io" and t not in _earlier_io_threads]
 
 
 def mapped(folder: Path) -> list[str]:
