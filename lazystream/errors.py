@@ -116,6 +116,16 @@ class MissingTensorsError(LazyStreamError, KeyError):
 
     __str__ = Exception.__str__  # KeyError would show the message quoted
 
+    @classmethod
+    def of(cls, model_name: str, missing: list[str]) -> MissingTensorsError:
+        """The error for ``missing`` (sorted names) of the model class ``model_name``."""
+        return cls(
+            f"{len(missing)} tensor(s) of {model_name} are in no shard: {missing[:10]}"
+            + (" ..." if len(missing) > 10 else "")
+            + "; the checkpoint is incomplete or for another model (the library would initialize them at random)",
+            tensor=missing[0],
+        )
+
 
 class ShapeMismatchError(LazyStreamError, ValueError):
     """A checkpoint tensor's shape differs from the model's parameter."""

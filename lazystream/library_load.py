@@ -140,12 +140,7 @@ def _refuse_missing(model: nn.Module, info) -> None:
 def _raise_missing(model: nn.Module, missing) -> None:
     missing = sorted(missing or ())
     if missing:
-        raise MissingTensorsError(
-            f"{len(missing)} tensor(s) of {type(model).__name__} are in no shard: {missing[:10]}"
-            + (" ..." if len(missing) > 10 else "")
-            + "; the checkpoint is incomplete or for another model (the library would initialize them at random)",
-            tensor=missing[0],
-        )
+        raise MissingTensorsError.of(type(model).__name__, missing)
 
 
 def _record_named(ckpt: Checkpoint, name: str):

@@ -424,12 +424,7 @@ def match_tensors(
         else:
             buffers.append(stored)
     if missing:
-        raise MissingTensorsError(
-            f"{len(missing)} tensor(s) of {type(model).__name__} are in no shard: {missing[:10]}"
-            + (" ..." if len(missing) > 10 else "")
-            + "; the checkpoint is incomplete or for another model",
-            tensor=missing[0],
-        )
+        raise MissingTensorsError.of(type(model).__name__, missing)
     unexpected = sorted(set(sources) - used) + sorted(getattr(sources, "unused", ()))
     if unexpected:
         warnings.warn(
