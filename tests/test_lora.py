@@ -230,21 +230,21 @@ def test_adapters_survive_casts_and_replans(zimage, keep_gpu):
     streamer_of(model).close()
 
 
-def test_plan_with_lora_counts_the_adapter_bytes_a_load_takes(zimage):
+def test_plan_with_lora_counts_the_adapter_bytes_a_load_takes(zimage, capsys):
     """``lazystream plan --lora`` predicts, from the file's header, the device bytes the
     adapters take once loaded (and holds them back from --vram with --keep-gpu auto)."""
     import json
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from lazystream.cli import main
+
+    def plan_json(*args: str) -> dict:
+        capsys.readouterr()
+        assert main(["plan", str(path), "--device", "cpu", "--lora", lora_file, "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
 
     path, loras, _ = zimage
-    script = shutil.which("lazystream", path=str(Path(sys.executable).parent)) or "lazystream"
     lora_file = str(loras["a"] / LORA_FILE)
-    run = subprocess.run([script, "plan", str(path), "--keep-gpu", "1", "--device", "cpu", "--lora", lora_file,
-                          "--json"], capture_output=True, text=True, check=True)
-    predicted = json.loads(run.stdout)
+    predicted = plan_json("--keep-gpu", "1")
     model = LazyStreamModel.from_pretrained(path, 1)
     model.load_lora_adapter(loras["a"], weight_name=LORA_FILE, prefix="transformer", adapter_name="a")
     sample(model, zimage[2])
@@ -253,8 +253,5 @@ def test_plan_with_lora_counts_the_adapter_bytes_a_load_takes(zimage):
     assert predicted["device_bytes"] == plan.device_bytes
     streamer_of(model).close()
     vram = plan.device_bytes + 4096
-    run = subprocess.run([script, "plan", str(path), "--keep-gpu", "auto", "--vram", str(vram), "--activation-reserve",
-                          "0", "--device", "cpu", "--lora", lora_file, "--json"], capture_output=True, text=True,
-                         check=True)
-    auto = json.loads(run.stdout)
+    auto = plan_json("--keep-gpu", "auto", "--vram", str(vram), "--activation-reserve", "0")
     assert auto["device_bytes"] <= vram and auto["adapter_bytes"] == plan.adapter_bytes
